@@ -1,0 +1,188 @@
+"""Engine configuration: frozen dataclasses, each validated once in ``__post_init__``.
+
+Only entry points (CLI, server, ``LLM``) read flags or environment variables; everything else
+receives one of these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+ExitPolicy = Literal["none", "batch", "token"]
+ExitHeadType = Literal["shared", "adapter", "untied"]
+ConfidenceMeasure = Literal["softmax", "margin", "entropy", "saturation", "classifier"]
+KVFill = Literal["propagate", "recompute"]
+
+EXIT_POLICIES = ("none", "batch", "token")
+EXIT_HEAD_TYPES = ("shared", "adapter", "untied")
+CONFIDENCE_MEASURES = ("softmax", "margin", "entropy", "saturation", "classifier")
+KV_FILLS = ("propagate", "recompute")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, where: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{where} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how.
+
+    Attributes:
+        model: alias (``smollm2-135m``), path to a ``.gguf`` file, or a Hugging Face model folder.
+        dtype: compute and weight dtype, one of ``DTYPES``.
+        device: torch device string (``cpu``, ``cuda``, ``cuda:1``).
+        max_model_len: context length in tokens (prompt + output); None = the model's own.
+        seed: seed of the engine-wide generator used by requests without a seed.
+    """
+
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+        _require(
+            self.max_model_len is None or self.max_model_len >= 1,
+            "max_model_len", "None or an integer >= 1", self.max_model_len,
+        )
+        _require(
+            self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
+            "device", "cpu, cuda, cuda:N or mps", self.device,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache budget.
+
+    Attributes:
+        block_size: token slots per KV block.
+        num_kv_blocks: number of blocks; takes precedence over ``kv_cache_memory``.
+        kv_cache_memory: KV budget in bytes (all layers, K and V); None with no
+            ``num_kv_blocks`` means enough blocks for ``max_num_seqs`` full contexts, capped at 2 GiB.
+        debug_nan_fill: fill never-written slots with NaN so that a read of one poisons the
+            output (a test aid, see tests/test_early_exit.py).
+    """
+
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    kv_cache_memory: Optional[int] = None
+    debug_nan_fill: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+            "block_size", "a power of two in [1, 256]", self.block_size,
+        )
+        _require(
+            self.num_kv_blocks is None or self.num_kv_blocks >= 1,
+            "num_kv_blocks", "None or an integer >= 1", self.num_kv_blocks,
+        )
+        _require(
+            self.kv_cache_memory is None or self.kv_cache_memory > 0,
+            "kv_cache_memory", "None or a positive number of bytes", self.kv_cache_memory,
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Iteration-level batching limits (vLLM's names).
+
+    Attributes:
+        max_num_seqs: most requests in one step.
+        max_num_batched_tokens: most tokens (prefill chunks + decode tokens) in one step;
+            longer prompts are prefilled in chunks.
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1", self.max_num_seqs)
+        _require(
+            self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens", "an integer >= 1", self.max_num_batched_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Early exit: where tokens may leave, how confidence is judged, how a batch decides.
+
+    Semantics and terms: shared/DESIGN.md sections 2-4; the seed paper is Miao et al. 2024,
+    arXiv 2407.20272.
+
+    Attributes:
+        exit_policy: ``none`` (all layers), ``batch`` (decode rows leave together when all are
+            confident), ``token`` (each row leaves on its own; the batch is compacted).
+        exit_layers: exit points as layer counts, each in 1..L-1, increasing.
+        exit_head: ``shared`` (final norm + LM head), ``adapter`` or ``untied`` (need exit_heads).
+        confidence: ``softmax``, ``margin``, ``entropy``, ``saturation`` or ``classifier``.
+        threshold: one global threshold, or one per exit layer. For ``entropy`` a token exits when
+            entropy (nats) <= threshold; for the others when confidence >= threshold.
+        kv_fill: ``propagate`` or ``recompute`` (KV of skipped layers).
+        exit_heads: folder with exit_heads.safetensors + exit_config.json, or None.
+        min_exit_layer: exits below this layer count are never taken.
+        vocab_prune_k: for softmax/margin/entropy, score only the top-K ids of the first exit
+            point at later exit points (arXiv 2410.18952); 0 = full vocabulary everywhere.
+    """
+
+    exit_policy: str = "none"
+    exit_layers: tuple[int, ...] = ()
+    exit_head: str = "shared"
+    confidence: str = "softmax"
+    threshold: Union[float, tuple[float, ...]] = 0.9
+    kv_fill: str = "propagate"
+    exit_heads: Optional[str] = None
+    min_exit_layer: int = 1
+    vocab_prune_k: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {', '.join(EXIT_POLICIES)}", self.exit_policy)
+        _require(self.exit_head in EXIT_HEAD_TYPES, "exit_head", f"one of {', '.join(EXIT_HEAD_TYPES)}", self.exit_head)
+        _require(
+            self.confidence in CONFIDENCE_MEASURES,
+            "confidence", f"one of {', '.join(CONFIDENCE_MEASURES)}", self.confidence,
+        )
+        _require(self.kv_fill in KV_FILLS, "kv_fill", f"one of {', '.join(KV_FILLS)}", self.kv_fill)
+        object.__setattr__(self, "exit_layers", tuple(int(e) for e in self.exit_layers))
+        layers = self.exit_layers
+        _require(
+            all(e >= 1 for e in layers) and list(layers) == sorted(set(layers)),
+            "exit_layers", "strictly increasing layer counts >= 1", layers,
+        )
+        if isinstance(self.threshold, (list, tuple)):
+            object.__setattr__(self, "threshold", tuple(float(t) for t in self.threshold))
+            _require(
+                len(self.threshold) == len(layers),
+                "threshold", f"one number or {len(layers)} numbers (one per exit layer)", self.threshold,
+            )
+        _require(self.min_exit_layer >= 1, "min_exit_layer", "an integer >= 1", self.min_exit_layer)
+        _require(self.vocab_prune_k >= 0, "vocab_prune_k", "an integer >= 0", self.vocab_prune_k)
+        if self.exit_policy != "none":
+            _require(len(layers) > 0, "exit_layers", "non-empty when exit_policy is not none", layers)
+
+    @property
+    def enabled(self) -> bool:
+        return self.exit_policy != "none" and len(self.exit_layers) > 0
+
+    def threshold_at(self, index: int) -> float:
+        """Threshold of the exit point ``exit_layers[index]``."""
+        if isinstance(self.threshold, tuple):
+            return self.threshold[index]
+        return float(self.threshold)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an ``LLMEngine`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)

@@ -1,0 +1,78 @@
+"""Sole owner of the mapping request -> KV blocks (block tables)."""
+
+from __future__ import annotations
+
+from eeserve.core.block_pool import BlockPool
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Allocates and frees the blocks of each request.
+
+    Args:
+        num_blocks: blocks in the cache.
+        block_size: token slots per block.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self._tables: dict[str, list[int]] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use, 0..1."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_blocks * self.block_size
+
+    def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
+        """Extra blocks the request needs so that positions 0..num_tokens-1 have slots."""
+        have = len(self._tables.get(request_id, ()))
+        return max(0, cdiv(num_tokens, self.block_size) - have)
+
+    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
+        return self.pool.can_allocate(self.num_blocks_needed(request_id, num_tokens))
+
+    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
+        """Grow the request's table to cover ``num_tokens`` positions.
+
+        Returns:
+            False (and allocates nothing) when not enough blocks are free.
+        """
+        need = self.num_blocks_needed(request_id, num_tokens)
+        if not self.pool.can_allocate(need):
+            return False
+        table = self._tables.setdefault(request_id, [])
+        if need:
+            table.extend(self.pool.allocate(need))
+        return True
+
+    def block_ids(self, request_id: str) -> tuple[int, ...]:
+        """A copy of the request's block table (physical block ids in position order)."""
+        return tuple(self._tables.get(request_id, ()))
+
+    def free(self, request_id: str) -> None:
+        """Return all of the request's blocks to the pool (no-op if it holds none)."""
+        table = self._tables.pop(request_id, None)
+        if table:
+            self.pool.free(table)
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        owned = [b for t in self._tables.values() for b in t]
+        assert len(owned) == len(set(owned)), "a block is owned by two requests"
+        assert len(owned) == self.pool.num_blocks - self.pool.num_free_blocks, "owned != used"

@@ -1,0 +1,328 @@
+"""The synchronous engine: add requests, step, get outputs.
+
+Request flow (DESIGN.md section 5): ``add_request`` (tokenize, validate) -> ``Scheduler.schedule``
+-> ``ModelRunner.execute`` -> ``Scheduler.update_from_output`` -> detokenizer and stop strings ->
+``RequestOutput``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from eeserve.config import EngineConfig
+from eeserve.core.interfaces import StepStats
+from eeserve.core.kv_manager import KVCacheManager, cdiv
+from eeserve.core.scheduler import Scheduler
+from eeserve.engine.detokenizer import IncrementalDetokenizer
+from eeserve.model import loader
+from eeserve.model.llama import LlamaModel, ModelArgs
+from eeserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from eeserve.request import Request, RequestStatus
+from eeserve.sampling_params import SamplingParams
+from eeserve.worker.kv_cache import KVCache, kv_bytes_per_block
+from eeserve.worker.model_runner import ModelRunner
+from eeserve.worker.sampler import Sampler
+
+PromptType = Union[str, list[int]]
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_kv_blocks nor kv_cache_memory is set
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Child:
+    request: Request
+    detok: IncrementalDetokenizer
+
+
+@dataclass
+class _Parent:
+    """A user request: its prompt and its n child sequences."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    children: list[_Child] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.request.is_finished for c in self.children)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start, for metrics.
+
+    Attributes:
+        num_prompt_tokens: prompt tokens of admitted requests.
+        num_generation_tokens: tokens sampled.
+        num_preemptions: preemptions.
+        step: FLOP and exit accounting summed over steps.
+    """
+
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+    step: StepStats = field(default_factory=StepStats)
+
+
+class LLMEngine:
+    """Owns the model, the KV cache, the scheduler and the per-request output state.
+
+    Args:
+        config: the engine configuration.
+
+    Raises:
+        ValueError / FileNotFoundError: for an unknown model or invalid settings.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model
+        self.device = torch.device(mc.device)
+        self.dtype = _DTYPES[mc.dtype]
+        self.model_files = loader.resolve_model(mc.model)
+        self.hf_config = loader.load_config(self.model_files)
+        self.args = ModelArgs.from_hf_config(self.hf_config)
+        self.tokenizer = loader.load_tokenizer(self.model_files)
+        model_len = self.args.max_position_embeddings
+        if mc.max_model_len is not None and mc.max_model_len > model_len:
+            raise ValueError(
+                f"max_model_len {mc.max_model_len} exceeds the model's context length {model_len}"
+            )
+        self.max_model_len = mc.max_model_len or model_len
+        self.model = LlamaModel(self.args, self.hf_config, self.dtype, self.device, self.max_model_len)
+        self.model.load_hf_state_dict(loader.load_state_dict(self.model_files, self.dtype))
+        self.model.eval()
+
+        cc = config.cache
+        per_block = kv_bytes_per_block(self.args.num_layers, cc.block_size, self.args.num_kv_heads, self.args.head_dim, self.dtype)
+        if cc.num_kv_blocks is not None:
+            num_blocks = cc.num_kv_blocks
+        else:
+            budget = cc.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+            wanted = config.scheduler.max_num_seqs * cdiv(self.max_model_len, cc.block_size)
+            num_blocks = min(wanted, int(budget // per_block)) if cc.kv_cache_memory is None else int(budget // per_block)
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_memory {budget} bytes is less than one KV block ({per_block} bytes)"
+                )
+        self.kv_cache = KVCache(
+            self.args.num_layers, num_blocks, cc.block_size, self.args.num_kv_heads, self.args.head_dim,
+            self.dtype, self.device, debug_nan_fill=cc.debug_nan_fill,
+        )
+        self.kv_manager = KVCacheManager(num_blocks, cc.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.default_generator = torch.Generator(device=self.device)
+        self.default_generator.manual_seed(mc.seed)
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(self.default_generator), self._build_exit_executor())
+        self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
+        self.stats = EngineStats()
+        self._parents: dict[str, _Parent] = {}
+        self._child_to_parent: dict[str, str] = {}
+
+    def _build_exit_executor(self):
+        ee = self.config.early_exit
+        if not ee.enabled:
+            return None
+        from eeserve.early_exit.executor import build_exit_executor
+
+        return build_exit_executor(ee, self.model, self.kv_cache, self.kv_manager, self.model_files)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """Return (prompt text or None, token ids).
+
+        Raises:
+            ValueError: for an empty prompt or token ids outside the vocabulary.
+        """
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            text: Optional[str] = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size}), got {bad[:5]}")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        return text, ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: Optional[SamplingParams] = None,
+        arrival_time: Optional[float] = None,
+    ) -> None:
+        """Tokenize and queue a request (n child sequences when ``params.n > 1``).
+
+        Raises:
+            ValueError: bad prompt, id in use, or a prompt that does not fit the context.
+        """
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens but the context length (max_model_len) is "
+                f"{self.max_model_len}; shorten the prompt to at most {self.max_model_len - 1} tokens"
+            )
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        now = arrival_time if arrival_time is not None else time.time()
+        parent = _Parent(request_id, text, ids, params, now)
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(params.seed + i)
+            req = Request(
+                request_id=child_id, prompt_token_ids=list(ids), sampling_params=params, arrival_time=now,
+                max_tokens=max_tokens, eos_token_id=self.eos_token_id, generator=gen,
+            )
+            self.scheduler.add_request(req)
+            parent.children.append(_Child(req, IncrementalDetokenizer(self.tokenizer, params, ids)))
+            self._child_to_parent[child_id] = request_id
+        self._parents[request_id] = parent
+        self.stats.num_prompt_tokens += len(ids) * params.n
+
+    def abort_request(self, request_ids: Union[str, list[str]]) -> None:
+        """Abort requests (by user request id); their blocks are freed at once. Unknown ids are ignored."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            ids = [c.request.request_id for c in parent.children]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            for cid in ids:
+                self._child_to_parent.pop(cid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- stepping ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of requests that changed (finished ones last time)."""
+        sched = self.scheduler.schedule()
+        self.stats.num_preemptions += len(sched.preempted_request_ids)
+        touched: dict[str, None] = dict.fromkeys(
+            self._child_to_parent[c] for c in sched.finished_request_ids if c in self._child_to_parent
+        )
+        if not sched.is_empty:
+            live = {s.request_id: self.scheduler.requests[s.request_id] for s in sched.scheduled}
+            result = self.runner.execute(sched, live)
+            self._accumulate(result.stats)
+            updated = self.scheduler.update_from_output(sched, result)
+            self.stats.num_generation_tokens += len(result.sampled)
+            stopped: list[str] = []
+            for req in updated:
+                pid = self._child_to_parent[req.request_id]
+                child = self._child(pid, req.request_id)
+                stop_terminated = req.status == RequestStatus.FINISHED_STOPPED
+                stop_str = child.detok.update([req.output_token_ids[-1]], stop_terminated)
+                if stop_str is not None and not req.is_finished:
+                    req.stop_reason = stop_str
+                    stopped.append(req.request_id)
+                touched[pid] = None
+            if stopped:
+                self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        outputs = [self._make_output(self._parents[pid]) for pid in touched if pid in self._parents]
+        for out in outputs:
+            if out.finished:
+                parent = self._parents.pop(out.request_id)
+                for c in parent.children:
+                    self._child_to_parent.pop(c.request.request_id, None)
+        return outputs
+
+    def _child(self, parent_id: str, child_id: str) -> _Child:
+        for c in self._parents[parent_id].children:
+            if c.request.request_id == child_id:
+                return c
+        raise KeyError(child_id)
+
+    def _accumulate(self, s: StepStats) -> None:
+        t = self.stats.step
+        t.layer_flops += s.layer_flops
+        t.head_flops += s.head_flops
+        t.kv_fill_flops += s.kv_fill_flops
+        t.decode_full_flops += s.decode_full_flops
+        t.decode_flops += s.decode_flops
+        for e, n in s.exits.items():
+            t.exits[e] = t.exits.get(e, 0) + n
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        completions = []
+        all_exits: list[int] = []
+        spent = full = 0.0
+        for i, c in enumerate(parent.children):
+            req = c.request
+            logprobs = None
+            cum = None
+            if parent.params.logprobs is not None:
+                logprobs = [
+                    {
+                        **{tid: Logprob(lp, r + 1, self.tokenizer.decode([tid])) for r, (tid, lp) in enumerate(t.top)},
+                        t.token_id: Logprob(t.logprob, t.rank, self.tokenizer.decode([t.token_id])),
+                    }
+                    for t in req.output_logprobs
+                ]
+                cum = float(sum(t.logprob for t in req.output_logprobs))
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    text=c.detok.get_next_output_text(req.is_finished, delta=False),
+                    token_ids=list(req.output_token_ids),
+                    cumulative_logprob=cum,
+                    logprobs=logprobs,
+                    finish_reason=req.status.finish_reason,
+                    stop_reason=req.stop_reason,
+                    exit_layers=list(req.exit_layers),
+                )
+            )
+            all_exits.extend(req.exit_layers)
+            spent += req.flops
+            full += req.full_flops
+        reqs = [c.request for c in parent.children]
+        firsts = [r.first_token_time for r in reqs if r.first_token_time is not None]
+        finished = parent.finished
+        metrics = RequestMetrics(
+            arrival_time=parent.arrival_time,
+            first_token_time=min(firsts) if firsts else None,
+            finished_time=max(r.finished_time or 0.0 for r in reqs) if finished else None,
+            num_preemptions=sum(r.num_preemptions for r in reqs),
+            mean_layers_per_token=(sum(all_exits) / len(all_exits)) if all_exits else None,
+            flops_ratio=(spent / full) if full > 0 else None,
+        )
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions, finished, metrics)
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.kv_manager.num_blocks
+
+    def check_integrity(self) -> None:
+        """Raises AssertionError if the block accounting is inconsistent."""
+        self.kv_manager.check_integrity()

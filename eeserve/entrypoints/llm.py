@@ -1,0 +1,178 @@
+"""Offline Python API, shaped like vLLM's ``LLM``."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Optional, Sequence, Union
+
+from eeserve.config import CacheConfig, EarlyExitConfig, EngineConfig, ModelConfig, SchedulerConfig
+from eeserve.engine.llm_engine import LLMEngine, PromptType
+from eeserve.outputs import RequestOutput
+from eeserve.sampling_params import SamplingParams
+
+Message = dict[str, Any]
+
+
+class LLM:
+    """Generate text with an (early-exit) LLM.
+
+    Example::
+
+        from eeserve import LLM, SamplingParams
+        llm = LLM("smollm2-135m")
+        out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+        print(out[0].outputs[0].text)
+
+    Args:
+        model: alias (``smollm2-135m``), a ``.gguf`` file or a Hugging Face folder.
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        device: ``cpu`` (default) or ``cuda``.
+        max_model_len: context length (default: the model's).
+        block_size, num_kv_blocks, kv_cache_memory: KV cache (see ``CacheConfig``).
+        max_num_seqs, max_num_batched_tokens: batching limits (see ``SchedulerConfig``).
+        early_exit: an ``EarlyExitConfig``, a dict of its fields, or None (the model's default:
+            tuned heads for ``smollm2-135m`` when shipped, else off).
+        seed: seed of the generator used by requests without their own seed.
+
+    Raises:
+        ValueError / FileNotFoundError: invalid settings or an unknown model, naming the field.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_model_len: Optional[int] = None,
+        block_size: int = 16,
+        num_kv_blocks: Optional[int] = None,
+        kv_cache_memory: Optional[int] = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        early_exit: Union[EarlyExitConfig, dict, None] = None,
+        seed: int = 0,
+        debug_nan_fill: bool = False,
+    ) -> None:
+        if isinstance(early_exit, dict):
+            early_exit = EarlyExitConfig(**early_exit)
+        config = EngineConfig(
+            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+            cache=CacheConfig(
+                block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                debug_nan_fill=debug_nan_fill,
+            ),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            early_exit=early_exit if early_exit is not None else EarlyExitConfig(),
+        )
+        self.engine = LLMEngine(config)
+        self._counter = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate completions for one or many prompts (strings or token-id lists).
+
+        Args:
+            prompts: a prompt or a list of prompts.
+            sampling_params: one for all prompts, or one per prompt.
+            use_tqdm: show a progress bar with output tokens/s (for more than one prompt).
+
+        Returns:
+            one ``RequestOutput`` per prompt, in prompt order.
+
+        Raises:
+            ValueError: bad prompt or a mismatched number of sampling params; nothing is queued then.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts; give one or one per prompt"
+                )
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                rid = str(next(self._counter))
+                self.engine.add_request(rid, prompt, params)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm and len(ids) > 1)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        start = time.perf_counter()
+        num_out = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        num_out += sum(len(c.token_ids) for c in out.outputs)
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix_str(f"output {num_out / (time.perf_counter() - start):.1f} tok/s")
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[i] for i in ids]
+
+    def chat(
+        self,
+        messages: Union[list[Message], list[list[Message]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, using the model's chat template.
+
+        Args:
+            messages: ``[{"role": "user", "content": "..."}, ...]`` or a list of such lists.
+
+        Raises:
+            ValueError: a message without ``role``/``content``.
+        """
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(
+        self, conversation: list[Message], add_generation_prompt: bool = True, chat_template_kwargs: Optional[dict] = None
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        for i, m in enumerate(conversation):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+        text = self.engine.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+        )
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)

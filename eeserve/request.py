@@ -1,0 +1,98 @@
+"""Engine-side state of one sequence being generated."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from eeserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """OpenAI/vLLM finish reason: ``stop``, ``length``, ``abort``; None while unfinished."""
+        return self.value if self.finished else None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities (natural log, of the model's unmodified distribution) for one token.
+
+    Attributes:
+        token_id: the sampled token.
+        logprob: its log-probability.
+        rank: 1-based rank of the sampled token in the distribution.
+        top: the top-N (token id, logprob) pairs, best first.
+    """
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass
+class Request:
+    """One sequence (a child of a user request when n > 1).
+
+    The scheduler changes ``status`` and ``num_computed_tokens``; the engine appends outputs.
+    Block tables live in the KV manager, never here.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float  # seconds, time.time()
+    max_tokens: int  # resolved output budget (tokens)
+    eos_token_id: Optional[int] = None
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)  # layers run, one per output token
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    generator: Optional[torch.Generator] = None  # per-request RNG when seeded
+    first_token_time: Optional[float] = None  # seconds, time.time()
+    finished_time: Optional[float] = None
+    stop_reason: Optional[str | int] = None  # the stop string or stop token that ended it
+    flops: float = 0.0  # FLOPs spent on this request's decode tokens
+    full_flops: float = 0.0  # FLOPs the same tokens would cost at full depth
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
