@@ -31,8 +31,9 @@ class LLM:
         max_model_len: context length (default: the model's).
         block_size, num_kv_blocks, kv_cache_memory: KV cache (see ``CacheConfig``).
         max_num_seqs, max_num_batched_tokens: batching limits (see ``SchedulerConfig``).
-        early_exit: an ``EarlyExitConfig``, a dict of its fields, or None (the model's default:
-            tuned heads for ``smollm2-135m`` when shipped, else off).
+        early_exit: an ``EarlyExitConfig``, or a dict of its fields merged over the model's
+            default (tuned heads shipped for ``smollm2-135m``; ``{"exit_heads": "none"}`` turns
+            them off), or None for that default.
         seed: seed of the generator used by requests without their own seed.
 
     Raises:
@@ -55,8 +56,10 @@ class LLM:
         seed: int = 0,
         debug_nan_fill: bool = False,
     ) -> None:
-        if isinstance(early_exit, dict):
-            early_exit = EarlyExitConfig(**early_exit)
+        from eeserve.early_exit.defaults import resolve_early_exit
+
+        if early_exit is None or isinstance(early_exit, dict):
+            early_exit = resolve_early_exit(model, dict(early_exit or {}))
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
             cache=CacheConfig(
@@ -64,10 +67,18 @@ class LLM:
                 debug_nan_fill=debug_nan_fill,
             ),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            early_exit=early_exit if early_exit is not None else EarlyExitConfig(),
+            early_exit=early_exit,
         )
         self.engine = LLMEngine(config)
         self._counter = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        """Build from a complete ``EngineConfig`` (what the CLI does)."""
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        llm._counter = itertools.count()
+        return llm
 
     @property
     def tokenizer(self):

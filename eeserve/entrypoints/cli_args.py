@@ -1,0 +1,130 @@
+"""Engine, early-exit and sampling flags shared by every ``eeserve`` subcommand (vLLM's names)."""
+
+from __future__ import annotations
+
+import argparse
+from eeserve.config import (
+    CONFIDENCE_MEASURES,
+    DTYPES,
+    EXIT_HEAD_TYPES,
+    EXIT_POLICIES,
+    KV_FILLS,
+    CacheConfig,
+    EarlyExitConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
+from eeserve.sampling_params import SamplingParams
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 8,16,24, got {text!r}")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}")
+
+
+def _bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 512M or 2G, got {text!r}")
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    """Model, cache, scheduler and early-exit flags."""
+    g = p.add_argument_group("model and engine")
+    if model_positional:
+        g.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    g.add_argument("--model", default=None,
+                   help="alias (smollm2-135m, the default), a .gguf file, or a Hugging Face model folder")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and compute dtype (default float32)")
+    g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (default: the model's)")
+    g.add_argument("--block-size", type=int, default=16, help="token slots per KV cache block (default 16)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="number of KV cache blocks (overrides --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=_bytes, default=None,
+                   help="KV cache budget in bytes, e.g. 512M or 2G (default: enough for max-num-seqs contexts, at most 1G)")
+    g.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one step (default 32)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="most tokens in one step; longer prompts are prefilled in chunks (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for requests without their own seed (default 0)")
+
+    e = p.add_argument_group("early exit")
+    e.add_argument("--exit-policy", default=None, choices=EXIT_POLICIES,
+                   help="none: all layers; batch: decode rows leave together when all are confident (Miao et al. 2024); "
+                        "token: each sequence leaves on its own, the batch is compacted (default: the model's exit config, else none)")
+    e.add_argument("--exit-layers", type=_int_list, default=None, help="exit points as layer counts, e.g. 12,16,20,24")
+    e.add_argument("--exit-head", default=None, choices=EXIT_HEAD_TYPES, help="exit head type (default shared, or the heads folder's)")
+    e.add_argument("--confidence", default=None, choices=CONFIDENCE_MEASURES, help="confidence measure (default softmax)")
+    e.add_argument("--threshold", type=_float_list, default=None,
+                   help="confidence threshold, one global value or one per exit layer (entropy: exit when <= threshold)")
+    e.add_argument("--kv-fill", default=None, choices=KV_FILLS, help="KV of skipped layers: propagate (default) or recompute")
+    e.add_argument("--exit-heads", default=None,
+                   help="folder with exit_heads.safetensors + exit_config.json; 'none' turns off the model's shipped heads")
+    e.add_argument("--min-exit-layer", type=int, default=None, help="never exit before this many layers")
+    e.add_argument("--vocab-prune-k", type=int, default=None,
+                   help="score only the top-K ids of the first exit at later exits (softmax/margin/entropy); 0 = off")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--min-tokens", type=int, default=0, help="generate at least this many tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), higher = more random")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens; 0 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (same seed, same output)")
+    g.add_argument("--n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token")
+
+
+def sampling_params_from_args(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.sampling_seed,
+        presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+        repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens, min_tokens=a.min_tokens,
+        stop=list(a.stop), ignore_eos=a.ignore_eos, logprobs=a.logprobs,
+    )
+
+
+def early_exit_overrides(a: argparse.Namespace) -> dict:
+    """The early-exit flags the user set (None ones are left to the model's exit config)."""
+    names = ("exit_policy", "exit_layers", "exit_head", "confidence", "threshold", "kv_fill",
+             "exit_heads", "min_exit_layer", "vocab_prune_k")
+    out = {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
+    if "threshold" in out and len(out["threshold"]) == 1:
+        out["threshold"] = out["threshold"][0]
+    return out
+
+
+def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
+    """Build the frozen EngineConfig; raises ValueError naming a bad field."""
+    model = getattr(a, "model_pos", None) or a.model or "smollm2-135m"
+    from eeserve.early_exit.defaults import resolve_early_exit
+
+    return EngineConfig(
+        model=ModelConfig(model=model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, seed=a.seed),
+        cache=CacheConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens),
+        early_exit=resolve_early_exit(model, early_exit_overrides(a)),
+    )
+

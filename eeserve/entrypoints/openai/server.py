@@ -1,0 +1,524 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over an ``AsyncLLMEngine``.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streams), GET /v1/models,
+GET /health, GET /metrics (Prometheus), POST /tokenize, POST /detokenize. Errors use OpenAI's
+error object ``{"error": {"message", "type", "param", "code"}}``. A client that disconnects from a
+stream cancels the response generator, which aborts its requests and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from eeserve.config import EngineConfig
+from eeserve.engine.async_engine import AsyncLLMEngine
+from eeserve.entrypoints.openai import protocol as P
+from eeserve.entrypoints.openai.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
+from eeserve.outputs import CompletionOutput, RequestOutput
+from eeserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error object."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    param = ".".join(loc) or None
+    msgs = "; ".join(
+        f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
+    )
+    return APIError(400, msgs or "invalid request", param=param)
+
+
+# ---- output conversion ----------------------------------------------------------------------
+
+
+def _completion_logprobs(c: CompletionOutput, start: int, text_offset: int, n_top: int) -> P.CompletionLogprobs:
+    out = P.CompletionLogprobs()
+    for tid, lp in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        chosen = lp[tid]
+        tok = chosen.decoded_token or ""
+        out.tokens.append(tok)
+        out.token_logprobs.append(chosen.logprob)
+        out.text_offset.append(text_offset)
+        text_offset += len(tok)
+        top = sorted((v for v in lp.values() if v.rank <= n_top), key=lambda v: v.rank)
+        out.top_logprobs.append({(v.decoded_token or ""): v.logprob for v in top})
+    return out
+
+
+def _chat_logprobs(c: CompletionOutput, start: int, n_top: int) -> P.ChatLogprobs:
+    content = []
+    for tid, lp in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        chosen = lp[tid]
+        tok = chosen.decoded_token or ""
+        top = sorted((v for v in lp.values() if v.rank <= n_top), key=lambda v: v.rank)
+        content.append(P.ChatTokenLogprob(
+            token=tok, logprob=chosen.logprob, bytes=list(tok.encode()),
+            top_logprobs=[P.ChatTopLogprob(token=v.decoded_token or "", logprob=v.logprob,
+                                           bytes=list((v.decoded_token or "").encode())) for v in top],
+        ))
+    return P.ChatLogprobs(content=content)
+
+
+def _usage(prompt_lens: list[int], outs: list[RequestOutput | None]) -> P.UsageInfo:
+    completion = sum(len(c.token_ids) for o in outs if o is not None for c in o.outputs)
+    prompt = sum(prompt_lens)
+    return P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' output streams as (stream index, output)."""
+    if len(streams) == 1:
+        async for o in streams[0]:
+            yield 0, o
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for o in s:
+                q.put_nowait((i, o))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            q.put_nowait((i, e))
+            return
+        q.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- the app --------------------------------------------------------------------------------
+
+
+class _Server:
+    """The request handlers, sharing the engine, the model name and the metrics."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def params(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> SamplingParams:
+        try:
+            return req.to_sampling_params()
+        except ValueError as e:
+            msg = str(e)
+            param = msg.split(" ")[0].removeprefix("SamplingParams.") if msg.startswith("SamplingParams.") else None
+            raise APIError(400, msg, param=param)
+
+    def check_length(self, ids: list[int], params: SamplingParams, param: str) -> None:
+        limit = self.engine.max_model_len
+        if len(ids) >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                           f"{len(ids)} tokens. Shorten the prompt.", param=param, code="context_length_exceeded")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested "
+                           f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} "
+                           "for the completion). Reduce the prompt or max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+
+    async def tokenize_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        def run(engine) -> list[int]:
+            if isinstance(prompt, str) and not add_special_tokens:
+                ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+                if not ids:
+                    raise ValueError("prompt is empty: give at least one token")
+                return ids
+            return engine.tokenize(prompt)[1]
+
+        try:
+            return await self.engine.call(run)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt")
+
+    async def render_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+        try:
+            msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages")
+
+        def run(engine) -> list[int]:
+            text = engine.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return engine.tokenizer.encode(text, add_special_tokens=False)
+
+        try:
+            ids = await self.engine.call(run)
+        except Exception as e:  # noqa: BLE001 - template errors are the client's input
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages")
+        if not ids:
+            raise APIError(400, "messages render to an empty prompt", param="messages")
+        return ids
+
+    async def start(self, prompts: list[list[int]], params: SamplingParams, base_id: str) -> tuple[list[str], list[AsyncIterator[RequestOutput]]]:
+        """Add every prompt; an engine refusal aborts the ones already added and becomes a 400."""
+        ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        streams = []
+        try:
+            for rid, p in zip(ids, prompts):
+                streams.append(await self.engine.add_request(rid, p, params))
+        except BaseException as e:
+            for rid in ids:
+                self.engine.abort_nowait(rid)
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e), param="prompt")
+            raise
+        return ids, streams
+
+    async def run_all(self, streams, trackers: list[RequestTracker]) -> list[RequestOutput | None]:
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        async for i, out in _merge(streams):
+            trackers[i].observe(out)
+            finals[i] = out
+        return finals
+
+
+def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    """Build the FastAPI app. The engine thread starts with the app's lifespan.
+
+    Args:
+        engine: the async engine (not yet started).
+        served_model_name: the model id clients must send.
+        api_key: when set, /v1 routes need ``Authorization: Bearer <api_key>``.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="eeserve", lifespan=lifespan)
+    metrics = ServerMetrics(served_model_name, lambda: engine.snapshot, engine.engine.args.num_layers)
+    srv = _Server(engine, served_model_name, metrics)
+    app.state.server = srv
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1"):
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), api_key.encode()):
+                return APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'.",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return _validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):
+        logger.exception("unhandled error")
+        return APIError(500, f"internal error: {exc!r}", type="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return APIError(503, "the engine is not running", type="server_error").response()
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return Response(metrics.export(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        card = P.ModelCard(id=served_model_name, root=engine.engine.config.model.model, max_model_len=engine.max_model_len)
+        return P.ModelList(data=[card]).model_dump()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json_body(request)
+        try:
+            if isinstance(body, dict) and "messages" in body:
+                req = P.TokenizeChatRequest.model_validate(body)
+                srv.check_model(req.model)
+                ids = await srv.render_chat(req.messages, req.add_generation_prompt)
+            else:
+                req = P.TokenizeCompletionRequest.model_validate(body)
+                srv.check_model(req.model)
+                ids = await srv.tokenize_prompt(req.prompt, req.add_special_tokens)
+        except ValidationError as e:
+            raise _validation_error(list(e.errors()))
+        return P.TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids).model_dump()
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json_body(request)
+        try:
+            req = P.DetokenizeRequest.model_validate(body)
+        except ValidationError as e:
+            raise _validation_error(list(e.errors()))
+        srv.check_model(req.model)
+        vocab = engine.engine.args.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
+        text = await engine.call(lambda e: e.tokenizer.decode(req.tokens))
+        return P.DetokenizeResponse(prompt=text).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest, request: Request):
+        srv.check_model(req.model)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        params = srv.params(req)
+        try:
+            prompts_in = req.prompts()
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt")
+        prompts = [await srv.tokenize_prompt(p) for p in prompts_in]
+        for ids in prompts:
+            srv.check_length(ids, params, "prompt")
+        resp_id = P.random_id("cmpl")
+        rids, streams = await srv.start(prompts, params, resp_id)
+        trackers = [metrics.tracker() for _ in streams]
+        n_top = params.logprobs or 0
+        lens = [len(p) for p in prompts]
+        if not req.stream:
+            try:
+                finals = await srv.run_all(streams, trackers)
+            finally:
+                for rid in rids:
+                    engine.abort_nowait(rid)
+            choices = []
+            for i, out in enumerate(finals):
+                for c in out.outputs:
+                    choices.append(P.CompletionChoice(
+                        index=i * params.n + c.index, text=c.text, finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason, exit_layers=c.exit_layers,
+                        logprobs=_completion_logprobs(c, 0, 0, n_top) if params.logprobs is not None else None,
+                    ))
+            return P.CompletionResponse(id=resp_id, model=served_model_name, choices=choices,
+                                        usage=_usage(lens, finals)).model_dump()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        created = int(time.time())
+
+        async def events() -> AsyncIterator[str]:
+            prev_text: dict[tuple[int, int], str] = {}
+            prev_n: dict[tuple[int, int], int] = {}
+            done: set[tuple[int, int]] = set()
+            finals: list[RequestOutput | None] = [None] * len(streams)
+            try:
+                async for i, out in _merge(streams):
+                    trackers[i].observe(out)
+                    finals[i] = out
+                    choices = []
+                    for c in out.outputs:
+                        key = (i, c.index)
+                        if key in done:
+                            continue
+                        old_t, old_n = prev_text.get(key, ""), prev_n.get(key, 0)
+                        if len(c.token_ids) == old_n and c.finish_reason is None:
+                            continue
+                        choices.append(P.CompletionChoice(
+                            index=i * params.n + c.index, text=c.text[len(old_t):], finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason, exit_layers=c.exit_layers[old_n:],
+                            logprobs=(_completion_logprobs(c, old_n, len(old_t), n_top)
+                                      if params.logprobs is not None else None),
+                        ))
+                        prev_text[key], prev_n[key] = c.text, len(c.token_ids)
+                        if c.finish_reason is not None:
+                            done.add(key)
+                    if choices:
+                        chunk = P.CompletionResponse(id=resp_id, created=created, model=served_model_name,
+                                                     choices=choices, usage=None)
+                        yield _sse(chunk.model_dump(exclude=None if include_usage else {"usage"}))
+                if include_usage:
+                    chunk = P.CompletionResponse(id=resp_id, created=created, model=served_model_name,
+                                                 choices=[], usage=_usage(lens, finals))
+                    yield _sse(chunk.model_dump())
+                yield _sse("[DONE]")
+            except (ValueError, RuntimeError) as e:
+                yield _sse(APIError(500, str(e), type="server_error").body())
+                yield _sse("[DONE]")
+            finally:
+                for rid in rids:
+                    engine.abort_nowait(rid)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        srv.check_model(req.model)
+        params = srv.params(req)
+        ids = await srv.render_chat(req.messages, req.add_generation_prompt)
+        srv.check_length(ids, params, "messages")
+        resp_id = P.random_id("chatcmpl")
+        rids, streams = await srv.start([ids], params, resp_id)
+        trackers = [metrics.tracker()]
+        n_top = params.logprobs or 0
+        if not req.stream:
+            try:
+                finals = await srv.run_all(streams, trackers)
+            finally:
+                for rid in rids:
+                    engine.abort_nowait(rid)
+            out = finals[0]
+            choices = [
+                P.ChatCompletionChoice(
+                    index=c.index, message=P.ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason, exit_layers=c.exit_layers,
+                    logprobs=_chat_logprobs(c, 0, n_top) if params.logprobs is not None else None,
+                )
+                for c in out.outputs
+            ]
+            return P.ChatCompletionResponse(id=resp_id, model=served_model_name, choices=choices,
+                                            usage=_usage([len(ids)], finals)).model_dump()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        created = int(time.time())
+        excl = None if include_usage else {"usage"}
+
+        async def events() -> AsyncIterator[str]:
+            final: RequestOutput | None = None
+            try:
+                first = P.ChatCompletionChunk(
+                    id=resp_id, created=created, model=served_model_name,
+                    choices=[P.ChatStreamChoice(index=j, delta=P.DeltaMessage(role="assistant", content=""))
+                             for j in range(params.n)],
+                )
+                yield _sse(first.model_dump(exclude=excl, exclude_none=False))
+                prev_text: dict[int, str] = {}
+                prev_n: dict[int, int] = {}
+                done: set[int] = set()
+                async for _, out in _merge(streams):
+                    trackers[0].observe(out)
+                    final = out
+                    choices = []
+                    for c in out.outputs:
+                        if c.index in done:
+                            continue
+                        old_t, old_n = prev_text.get(c.index, ""), prev_n.get(c.index, 0)
+                        if len(c.token_ids) == old_n and c.finish_reason is None:
+                            continue
+                        choices.append(P.ChatStreamChoice(
+                            index=c.index, delta=P.DeltaMessage(content=c.text[len(old_t):]),
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                            exit_layers=c.exit_layers[old_n:],
+                            logprobs=_chat_logprobs(c, old_n, n_top) if params.logprobs is not None else None,
+                        ))
+                        prev_text[c.index], prev_n[c.index] = c.text, len(c.token_ids)
+                        if c.finish_reason is not None:
+                            done.add(c.index)
+                    if choices:
+                        chunk = P.ChatCompletionChunk(id=resp_id, created=created, model=served_model_name, choices=choices)
+                        yield _sse(chunk.model_dump(exclude=excl))
+                if include_usage:
+                    chunk = P.ChatCompletionChunk(id=resp_id, created=created, model=served_model_name,
+                                                  choices=[], usage=_usage([len(ids)], [final]))
+                    yield _sse(chunk.model_dump())
+                yield _sse("[DONE]")
+            except (ValueError, RuntimeError) as e:
+                yield _sse(APIError(500, str(e), type="server_error").body())
+                yield _sse("[DONE]")
+            finally:
+                for rid in rids:
+                    engine.abort_nowait(rid)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}")
+
+
+def default_model_name(config: EngineConfig) -> str:
+    """The name clients use when --served-model-name is not given: the alias or the file/folder name."""
+    m = config.model.model.rstrip("/")
+    return os.path.basename(m) if os.sep in m else m
+
+
+def run_server(
+    config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+    api_key: str | None = None, served_model_name: str | None = None,
+) -> None:
+    """Load the model, then serve until interrupted; prints the address once the server listens."""
+    import uvicorn
+
+    from eeserve.engine.llm_engine import LLMEngine
+
+    name = served_model_name or default_model_name(config)
+    engine = AsyncLLMEngine(LLMEngine(config))
+    app = build_app(engine, name, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+
+    async def serve() -> None:
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(f"eeserve: serving {name!r} at http://{host}:{port} (OpenAI API under /v1)", flush=True)
+        await task
+
+    asyncio.run(serve())

@@ -1,0 +1,132 @@
+"""The engine on the real default model against transformers' LlamaForCausalLM (same weights)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import CHAT_PROMPTS
+from helpers import assert_greedy_matches_reference, assert_no_leak, assert_same_or_near_tie, reference_logits
+
+from eeserve import LLM, SamplingParams
+from eeserve.worker.model_runner import logits_for_prompt
+
+RAW_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 5, 8, 13,",
+]
+
+
+def test_logits_match_transformers(llm, hf_model):
+    eng = llm.engine
+    for prompt in RAW_PROMPTS:
+        ids = eng.tokenizer.encode(prompt)
+        ref = reference_logits(hf_model, ids)
+        n_blocks = -(-len(ids) // eng.kv_cache.block_size)
+        blocks = eng.kv_manager.pool.allocate(n_blocks)
+        try:
+            ours = logits_for_prompt(eng.model, eng.kv_cache, ids, blocks)
+        finally:
+            eng.kv_manager.pool.free(blocks)
+        diff = (ours - ref).abs().max().item()
+        assert diff <= 1e-3, f"{prompt!r}: max |logit diff| {diff}"
+
+
+def test_greedy_chat_continuations_match_transformers(llm, hf_model):
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=False)
+    outs = llm.chat([[{"role": "user", "content": p}] for p in CHAT_PROMPTS], params, use_tqdm=False)
+    assert_no_leak(llm)
+    for p, out in zip(CHAT_PROMPTS, outs):
+        c = out.outputs[0]
+        assert len(c.token_ids) == 64 or c.finish_reason == "stop"
+        assert_greedy_matches_reference(hf_model, out.prompt_token_ids, c.token_ids, label=p)
+        assert c.text == llm.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    # The answer to the first prompt is a real answer.
+    assert "Paris" in outs[0].outputs[0].text
+
+
+def _varied_prompts(tokenizer) -> list[list[int]]:
+    base = (
+        "In the beginning of the project the team wrote down every requirement they could think of, "
+        "then they sorted them by cost and value, argued for a week, and finally picked the few that mattered. "
+    )
+    prompts = []
+    for i in range(16):
+        text = f"Note {i}: " + base * (1 + i % 4)
+        ids = tokenizer.encode(text)[: 8 + 23 * i]
+        prompts.append(ids)
+    return prompts
+
+
+def test_batch_invariance_and_preemption(llm, hf_model):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = _varied_prompts(llm.tokenizer)
+    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert_no_leak(llm)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert_no_leak(llm)
+    for i, p in enumerate(prompts):
+        assert_same_or_near_tie(hf_model, p, alone[i], together[i], f"batched prompt {i}")
+
+    # A KV budget that cannot hold all 16 at once: preemption by recompute must happen.
+    small = LLM("smollm2-135m", num_kv_blocks=48, max_num_batched_tokens=256, early_exit={"exit_heads": "none"})
+    outs = small.generate(prompts, params, use_tqdm=False)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0, "expected preemption under a 48-block budget"
+    assert small.engine.stats.num_preemptions > 0
+    assert_no_leak(small)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert_same_or_near_tie(hf_model, p, alone[i], o.outputs[0].token_ids, f"preempted-run prompt {i}")
+
+
+def test_seed_reproducible_with_different_batch_mates(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    alone = llm.generate(["Tell me a story about a dragon."], p, use_tqdm=False)[0].outputs[0].token_ids
+    mixed = llm.generate(
+        ["Hello there", "Tell me a story about a dragon.", "Why is the sky blue?"], [other, p, other], use_tqdm=False
+    )
+    assert mixed[1].outputs[0].token_ids == alone
+    different = llm.generate(
+        ["Tell me a story about a dragon."],
+        SamplingParams(temperature=1.0, top_p=0.95, seed=99, max_tokens=16, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0].token_ids
+    assert different != alone
+    assert_no_leak(llm)
+
+
+def test_n_and_logprobs(llm):
+    params = SamplingParams(n=3, temperature=0.8, seed=7, max_tokens=8, logprobs=3, ignore_eos=True)
+    out = llm.generate("The weather today is", params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    eng = llm.engine
+    for c in out.outputs:
+        assert len(c.token_ids) == 8 and len(c.logprobs) == 8
+        # Each chosen token's logprob equals log_softmax of the full-model logits at that prefix.
+        ids = out.prompt_token_ids + c.token_ids
+        blocks = eng.kv_manager.pool.allocate(-(-len(ids) // eng.kv_cache.block_size))
+        try:
+            ref = torch.log_softmax(logits_for_prompt(eng.model, eng.kv_cache, ids, blocks), -1)
+        finally:
+            eng.kv_manager.pool.free(blocks)
+        p0 = len(out.prompt_token_ids)
+        total = 0.0
+        for i, (tok, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+            assert tok in lp and len(lp) in (3, 4)
+            assert abs(lp[tok].logprob - ref[p0 - 1 + i, tok].item()) < 1e-3
+            total += lp[tok].logprob
+        assert abs(c.cumulative_logprob - total) < 1e-4
+    assert_no_leak(llm)
+
+
+def test_stop_string_and_max_tokens(llm):
+    greedy = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    text = greedy.outputs[0].text
+    assert text.startswith(" Paris")
+    stopped = llm.generate(
+        "The capital of France is", SamplingParams(temperature=0, max_tokens=12, stop=["aris"]), use_tqdm=False
+    )[0].outputs[0]
+    assert stopped.text == " P" and stopped.finish_reason == "stop" and stopped.stop_reason == "aris"
+    length = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert len(length.outputs[0].token_ids) == 3 and length.outputs[0].finish_reason == "length"
+    assert_no_leak(llm)
