@@ -156,8 +156,11 @@ class EarlyExitConfig:
             all(e >= 1 for e in layers) and list(layers) == sorted(set(layers)),
             "exit_layers", "strictly increasing layer counts >= 1", layers,
         )
+        if isinstance(self.threshold, (list, tuple)) and len(self.threshold) == 1:
+            object.__setattr__(self, "threshold", float(self.threshold[0]))
         if isinstance(self.threshold, (list, tuple)):
             object.__setattr__(self, "threshold", tuple(float(t) for t in self.threshold))
+            _require(len(layers) > 0, "threshold", "one number when no exit_layers are given", self.threshold)
             _require(
                 len(self.threshold) == len(layers),
                 "threshold", f"one number or {len(layers)} numbers (one per exit layer)", self.threshold,

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from eeserve.core.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class PendingKV:
+    """A position whose K/V is missing from ``from_layer`` upward (deferred recompute).
+
+    Attributes:
+        position: token position in its sequence.
+        from_layer: first (0-based) layer without real K/V; layers below it are filled.
+        hidden: [H] residual hidden state entering layer ``from_layer``.
+    """
+
+    position: int
+    from_layer: int
+    hidden: torch.Tensor
 
 
 def cdiv(a: int, b: int) -> int:
@@ -21,6 +40,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self._pending: dict[str, dict[int, PendingKV]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -65,8 +85,30 @@ class KVCacheManager:
         """A copy of the request's block table (physical block ids in position order)."""
         return tuple(self._tables.get(request_id, ()))
 
+    def set_pending(self, request_id: str, pending: PendingKV) -> None:
+        """Record (or update) a position whose KV is incomplete."""
+        self._pending.setdefault(request_id, {})[pending.position] = pending
+
+    def clear_pending(self, request_id: str, position: int) -> None:
+        """The position's KV is now complete at every layer."""
+        entries = self._pending.get(request_id)
+        if entries is not None:
+            entries.pop(position, None)
+            if not entries:
+                del self._pending[request_id]
+
+    def pending(self, request_id: str) -> list[PendingKV]:
+        """The request's pending positions, in position order."""
+        return sorted(self._pending.get(request_id, {}).values(), key=lambda p: p.position)
+
+    @property
+    def num_pending(self) -> int:
+        return sum(len(v) for v in self._pending.values())
+
     def free(self, request_id: str) -> None:
-        """Return all of the request's blocks to the pool (no-op if it holds none)."""
+        """Return all of the request's blocks to the pool and drop its pending KV (no-op if it
+        holds none)."""
+        self._pending.pop(request_id, None)
         table = self._tables.pop(request_id, None)
         if table:
             self.pool.free(table)

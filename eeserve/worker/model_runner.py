@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from eeserve.core.interfaces import ModelRunnerOutput, SampledToken, SchedulerOutput, StepStats
+from eeserve.core.interfaces import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput, StepStats
 from eeserve.model.attention import AttentionMetadata, SeqAttention, build_attention_metadata
 from eeserve.model.llama import LlamaModel
 from eeserve.request import Request
@@ -27,6 +27,8 @@ class BatchInputs:
         sample_request_ids: the S requests, in the same order.
         decode_rows: [D] int64 rows that are decode tokens (candidates for early exit).
         decode_request_ids: the D requests, in the same order.
+        seqs: per scheduled request (schedule order), its rows, positions and context slots.
+        scheduled: the scheduled requests, in the same order.
     """
 
     token_ids: torch.Tensor
@@ -35,6 +37,8 @@ class BatchInputs:
     sample_request_ids: tuple[str, ...]
     decode_rows: torch.Tensor
     decode_request_ids: tuple[str, ...]
+    seqs: tuple[SeqAttention, ...]
+    scheduled: tuple[ScheduledRequest, ...]
 
 
 def prepare_inputs(out: SchedulerOutput, kv_cache: KVCache, device: torch.device) -> BatchInputs:
@@ -74,6 +78,8 @@ def prepare_inputs(out: SchedulerOutput, kv_cache: KVCache, device: torch.device
         sample_request_ids=tuple(sample_ids),
         decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
         decode_request_ids=tuple(decode_ids),
+        seqs=tuple(seqs),
+        scheduled=out.scheduled,
     )
 
 

@@ -1,0 +1,345 @@
+"""The layer loop with exit checks, batch compaction and KV fill.
+
+One step runs the packed batch layer segment by layer segment. At each exit point e the decode
+rows still in the batch are scored by the confidence measure; the exit policy decides who
+leaves. Leaving rows take their next token from the exit head at e (full vocabulary, computed
+only for them), get their skipped layers' K/V filled (``propagate``) or marked pending
+(``recompute``), and are removed from the batch, which goes on compacted. Prompt rows always run
+all L layers (DESIGN.md section 3).
+
+With ``recompute``, a sequence's pending positions (exited earlier at layer e_p) join its next
+pass at layer e_p as extra query rows, attending causally, and so write their real K/V for every
+layer that pass runs; what remains above the pass's depth stays pending (EE-LLM, Chen et al.
+2023, arXiv 2312.04916, section 4.2; DESIGN.md section 3). Attention at layer j reads only
+positions whose K/V at j is real or being written in the same pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from eeserve.config import EarlyExitConfig
+from eeserve.core.interfaces import StepStats
+from eeserve.core.kv_manager import KVCacheManager, PendingKV
+from eeserve.early_exit.confidence import (
+    LOGIT_MEASURES,
+    entropy,
+    is_confident,
+    margin_confidence,
+    saturation,
+    softmax_confidence,
+)
+from eeserve.early_exit.kv_fill import PropagateFiller
+from eeserve.early_exit.policy import exit_decision
+from eeserve.model.attention import SeqAttention, build_attention_metadata
+from eeserve.model.exit_heads import ExitHeads
+from eeserve.model.llama import LlamaModel
+from eeserve.request import Request
+from eeserve.worker.kv_cache import KVCache
+from eeserve.worker.model_runner import BatchInputs, ForwardResult
+
+
+@dataclass
+class _Group:
+    """Rows of one sequence in the current batch (contiguous, in position order)."""
+
+    request_id: str
+    is_decode: bool
+    samples: bool
+    eligible: bool  # may exit early
+    threshold: Optional[float]  # per-request override of the global threshold
+    positions: list[int]  # [n] positions of the active rows
+    slots: list[int]  # [n] their cache slots
+    ctx_slots: torch.Tensor  # [ctx] slots of positions 0..ctx-1
+    joins: dict[int, list[PendingKV]] = field(default_factory=dict)  # layer -> pending rows joining there
+    riding: list[int] = field(default_factory=list)  # positions of pending rows now in the batch
+    prev_hidden: Optional[torch.Tensor] = None  # [H] decode row at the previous exit (saturation)
+    top_ids: Optional[torch.Tensor] = None  # [K] pruned vocabulary from the first exit point
+    spent: float = 0.0  # FLOPs
+
+    @property
+    def n(self) -> int:
+        return len(self.positions)
+
+
+class ExitExecutor:
+    """Runs steps with early exit.
+
+    Args:
+        config: validated early-exit settings (exit layers already checked against the model).
+        model: the backbone.
+        heads: exit heads of every exit point.
+        kv_cache: the cache tensors.
+        kv_manager: owner of pending-KV state (``recompute``).
+    """
+
+    def __init__(self, config: EarlyExitConfig, model: LlamaModel, heads: ExitHeads, kv_cache: KVCache,
+                 kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.model = model
+        self.heads = heads
+        self.kv_cache = kv_cache
+        self.kv_manager = kv_manager
+        L = model.args.num_layers
+        self.exit_points = tuple(e for e in config.exit_layers if config.min_exit_layer <= e < L)
+        self.thresholds = {e: config.threshold_at(i) for i, e in enumerate(config.exit_layers)}
+        self.filler = PropagateFiller(model, self.exit_points) if config.kv_fill == "propagate" else None
+        a = model.args
+        self.layer_flops = a.layer_flops()
+        self.full_head_flops = a.head_flops()
+        # Test/debug aid: when a list, every confidence check appends
+        # (request_id, position, exit_layer, score, threshold).
+        self.trace: Optional[list[tuple[str, int, int, float, float]]] = None
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _groups(self, inputs: BatchInputs, requests: dict[str, Request]) -> list[_Group]:
+        groups = []
+        for s, seq in zip(inputs.scheduled, inputs.seqs):
+            ov = requests[s.request_id].sampling_params.early_exit
+            g = _Group(
+                request_id=s.request_id,
+                is_decode=s.is_decode,
+                samples=s.sample,
+                eligible=s.is_decode and (ov is None or ov.enabled),
+                threshold=ov.threshold if ov is not None else None,
+                positions=list(range(s.start_position, s.start_position + s.num_new_tokens)),
+                slots=[],
+                ctx_slots=seq.kv_slots,
+            )
+            g.slots = g.ctx_slots[g.positions[0] : g.positions[-1] + 1].tolist()
+            if s.is_decode and self.config.kv_fill == "recompute":
+                for p in self.kv_manager.pending(s.request_id):
+                    g.joins.setdefault(p.from_layer, []).append(p)
+            groups.append(g)
+        return groups
+
+    def _meta(self, groups: list[_Group]):
+        device = self.model.device
+        seqs, slots, offset = [], [], 0
+        for g in groups:
+            seqs.append(SeqAttention(
+                rows=torch.arange(offset, offset + g.n, device=device),
+                positions=torch.tensor(g.positions, dtype=torch.long, device=device),
+                kv_slots=g.ctx_slots,
+            ))
+            slots.extend(g.slots)
+            offset += g.n
+        return build_attention_metadata(seqs, offset, torch.tensor(slots, dtype=torch.long, device=device),
+                                        self.kv_cache.pad_slot)
+
+    @staticmethod
+    def _offsets(groups: list[_Group]) -> list[int]:
+        out, o = [], 0
+        for g in groups:
+            out.append(o)
+            o += g.n
+        return out
+
+    def _join(self, groups: list[_Group], h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Insert pending rows whose K/V is missing from ``layer`` into their sequences."""
+        parts = []
+        for g, off in zip(groups, self._offsets(groups)):
+            rows = [(p, h[off + i : off + i + 1], s) for i, (p, s) in enumerate(zip(g.positions, g.slots))]
+            for pk in g.joins.pop(layer, []):
+                rows.append((pk.position, pk.hidden.view(1, -1).to(h.dtype), int(g.ctx_slots[pk.position])))
+                g.riding.append(pk.position)
+            rows.sort(key=lambda r: r[0])
+            g.positions = [r[0] for r in rows]
+            g.slots = [r[2] for r in rows]
+            parts.extend(r[1] for r in rows)
+        return torch.cat(parts) if parts else h
+
+    def _score(self, e: int, groups: list[_Group], hc: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
+        """Confidence of the candidate decode rows at exit ``e``.
+
+        Returns:
+            ([N] scores, [N, V] full logits if they were computed else None, FLOPs per row).
+        """
+        measure = self.config.confidence
+        head = self.heads[e]
+        H = self.model.args.hidden_size
+        if measure in LOGIT_MEASURES:
+            k = self.config.vocab_prune_k
+            full = None
+            if k > 0 and all(g.top_ids is not None for g in groups):
+                ids = torch.stack([g.top_ids for g in groups])  # [N, K]
+                logits = head.logits(self.model, hc, ids)
+                cost = 2.0 * H * k
+            else:
+                logits = full = head.logits(self.model, hc)
+                cost = self.full_head_flops
+                if k > 0:
+                    top = full.topk(k, dim=-1).indices
+                    for g, t in zip(groups, top):
+                        g.top_ids = t
+            fn = {"softmax": softmax_confidence, "margin": margin_confidence, "entropy": entropy}[measure]
+            return fn(logits), full, cost
+        if measure == "saturation":
+            prev = torch.stack([g.prev_hidden for g in groups])
+            return saturation(hc, prev), None, 6.0 * H
+        return head.classifier_prob(hc), None, 2.0 * H  # classifier
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def forward(self, inputs: BatchInputs, requests: dict[str, Request]) -> ForwardResult:
+        model, cfg = self.model, self.config
+        L = model.args.num_layers
+        stats = StepStats()
+        groups = self._groups(inputs, requests)
+        h = model.embed(inputs.token_ids)  # [T, H]
+        if cfg.confidence == "saturation":
+            for g, off in zip(groups, self._offsets(groups)):
+                g.prev_hidden = h[off + g.n - 1]
+        results: dict[str, tuple[torch.Tensor, int]] = {}  # request id -> ([V] logits, exit layer)
+        request_flops: dict[str, tuple[float, float]] = {}  # request id -> (spent, full depth)
+        boundaries = sorted(set(self.exit_points) | {j for g in groups for j in g.joins} | {L})
+        meta = self._meta(groups)
+        cur = 0
+        for b in boundaries:
+            if b > cur:
+                h = model.run_layers(h, cur, b, meta, self.kv_cache)
+                for g in groups:
+                    g.spent += g.n * (b - cur) * self.layer_flops
+                stats.layer_flops += h.shape[0] * (b - cur) * self.layer_flops
+                cur = b
+            changed = False
+            if any(b in g.joins for g in groups):
+                h = self._join(groups, h, b)
+                changed = True
+            if b == L:
+                break
+            if b in self.exit_points:
+                keep = self._exit_point(b, groups, h, results, stats, request_flops)
+                if keep is not None:
+                    offsets = self._offsets(groups)
+                    rows = [i for g, off, k in zip(groups, offsets, keep) if k for i in range(off, off + g.n)]
+                    h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]
+                    groups = [g for g, k in zip(groups, keep) if k]
+                    changed = True
+            if changed:
+                if not groups:
+                    break
+                meta = self._meta(groups)
+
+        # Rows that ran all layers: the final head for those that sample.
+        if groups:
+            offsets = self._offsets(groups)
+            final = [(g, off + g.n - 1) for g, off in zip(groups, offsets) if g.samples]
+            if final:
+                logits = model.compute_logits(h[torch.tensor([r for _, r in final], device=h.device)])
+                stats.head_flops += len(final) * self.full_head_flops
+                for (g, _), row in zip(final, logits):
+                    results[g.request_id] = (row, L)
+                    g.spent += self.full_head_flops
+            for g in groups:
+                for p in g.riding:
+                    self.kv_manager.clear_pending(g.request_id, p)
+                if g.is_decode:
+                    stats.exits[L] = stats.exits.get(L, 0) + 1
+                    self._account(g, stats, request_flops)
+
+        order = inputs.sample_request_ids
+        logits = torch.stack([results[r][0] for r in order]) if order else torch.empty(0, model.args.vocab_size)
+        exit_layers = [results[r][1] for r in order]
+        return ForwardResult(logits, exit_layers, stats, request_flops)
+
+    def _account(self, g: _Group, stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> None:
+        """Close the FLOP books of a decode row that left (at an exit point or at L)."""
+        full = self.model.args.num_layers * self.layer_flops + self.full_head_flops
+        stats.decode_full_flops += full
+        stats.decode_flops += g.spent
+        request_flops[g.request_id] = (g.spent, full)
+
+    def _exit_point(self, e: int, groups: list[_Group], h: torch.Tensor, results: dict[str, tuple[torch.Tensor, int]],
+                    stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> Optional[list[bool]]:
+        """Score the decode rows at exit ``e`` and let the policy decide.
+
+        Returns:
+            per group, True to keep it in the batch; None when nobody leaves.
+        """
+        offsets = self._offsets(groups)
+        decode = [i for i, g in enumerate(groups) if g.is_decode]
+        cand = [i for i in decode if groups[i].eligible]  # only rows that may leave are scored
+        if not cand or (self.config.exit_policy == "batch" and len(cand) < len(decode)):
+            return None  # under ``batch`` one row that may not leave keeps the whole batch
+        rows = torch.tensor([offsets[i] + groups[i].n - 1 for i in cand], device=h.device)
+        hc = h[rows]  # [N, H] decode rows
+        cgroups = [groups[i] for i in cand]
+        scores, full, cost = self._score(e, cgroups, hc)
+        stats.head_flops += cost * len(cand)
+        for g in cgroups:
+            g.spent += cost
+        thr = torch.tensor([g.threshold if g.threshold is not None else self.thresholds[e] for g in cgroups],
+                           dtype=torch.float32, device=h.device)
+        eligible = torch.ones(len(cgroups), dtype=torch.bool, device=h.device)
+        leave = exit_decision(self.config.exit_policy, is_confident(self.config.confidence, scores, thr), eligible)
+        if self.trace is not None:
+            for g, sc, t in zip(cgroups, scores.tolist(), thr.tolist()):
+                self.trace.append((g.request_id, g.positions[-1], e, sc, t))
+        if self.config.confidence == "saturation":
+            for g, row in zip(cgroups, hc):
+                g.prev_hidden = row
+        if not bool(leave.any()):
+            return None
+        idx = leave.nonzero().flatten()
+        exiting = [cgroups[i] for i in idx.tolist()]
+        h_exit = hc[idx]  # [M, H]
+        if full is not None:
+            logits = full[idx]
+        else:
+            logits = self.heads[e].logits(self.model, h_exit)
+            stats.head_flops += self.full_head_flops * len(exiting)
+            for g in exiting:
+                g.spent += self.full_head_flops
+        positions = torch.tensor([g.positions[-1] for g in exiting], device=h.device)
+        slots = torch.tensor([g.slots[-1] for g in exiting], device=h.device)
+        if self.filler is not None:
+            self.filler.fill(e, h_exit, positions, slots, self.kv_cache)
+            fill = self.filler.flops(e)
+            stats.kv_fill_flops += fill * len(exiting)
+            for g in exiting:
+                g.spent += fill
+        else:
+            # recompute: the decode row and the pending rows riding with it stay pending from e.
+            for g in exiting:
+                off = offsets[groups.index(g)]
+                for i, p in enumerate(g.positions):
+                    self.kv_manager.set_pending(g.request_id, PendingKV(p, e, h[off + i].clone()))
+        for g, row in zip(exiting, logits):
+            results[g.request_id] = (row, e)
+            stats.exits[e] = stats.exits.get(e, 0) + 1
+            self._account(g, stats, request_flops)
+        gone = {id(g) for g in exiting}
+        return [id(g) not in gone for g in groups]
+
+
+def build_exit_executor(config: EarlyExitConfig, model: LlamaModel, kv_cache: KVCache, kv_manager: KVCacheManager,
+                        model_files) -> ExitExecutor:
+    """Validate the early-exit settings against the model and load the heads.
+
+    Raises:
+        ValueError: exit layers outside 1..L-1, a head type or confidence measure that needs a
+            heads folder that was not given, heads made for another model.
+    """
+    from eeserve.model import loader
+
+    L = model.args.num_layers
+    bad = [e for e in config.exit_layers if not 1 <= e < L]
+    if bad:
+        raise ValueError(f"exit_layers must be in 1..{L - 1} for this {L}-layer model, got {list(bad)}")
+    if config.exit_heads is None:
+        if config.exit_head != "shared":
+            raise ValueError(f"exit_head {config.exit_head!r} needs trained heads: pass exit_heads (--exit-heads DIR)")
+        if config.confidence == "classifier":
+            raise ValueError("confidence 'classifier' needs trained heads with a classifier: pass exit_heads (--exit-heads DIR)")
+        heads = ExitHeads(config.exit_layers, "shared", model)
+    else:
+        heads = ExitHeads.load(config.exit_heads, model, loader.model_identity(model_files), config.exit_layers)
+        if config.confidence == "classifier" and not heads.has_classifier:
+            raise ValueError(f"confidence 'classifier' needs heads with a classifier; {config.exit_heads!r} has none")
+    heads.to(model.dtype)
+    return ExitExecutor(config, model, heads, kv_cache, kv_manager)

@@ -1,0 +1,190 @@
+"""Exit heads: map the residual-stream hidden state after e layers to next-token logits.
+
+Head types (DESIGN.md section 2):
+- ``shared``: the model's final RMSNorm + LM head (LayerSkip, Elhoushi et al. 2024, arXiv
+  2404.16710; EE-LLM's shared output embedding, Chen et al. 2023, arXiv 2312.04916).
+- ``adapter``: a learned residual map ``h + W·RMSNorm_a(h) + b`` in front of the shared head
+  (a "tuned lens", Belrose et al. 2023, arXiv 2303.08112); zero-initialised, so it starts as the
+  shared head.
+- ``untied``: a per-exit RMSNorm and LM head (EE-LLM's untied exits).
+Any head may carry a ``classifier``: a linear probe on ``h / rms(h)`` whose sigmoid estimates
+P(this exit's top-1 == the final layer's top-1) (CALM's learned early-exit classifier).
+
+On disk (a folder): ``exit_heads.safetensors`` with tensors ``exits.<e>.<name>`` and
+``exit_config.json`` with ``exit_layers``, ``head_type``, ``has_classifier``, ``base_model``
+(``loader.model_identity``) and an optional ``serving`` part (policy, confidence, thresholds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from eeserve.model.llama import LlamaModel, rms_norm
+
+FORMAT_VERSION = 1
+
+
+class ExitHead(nn.Module):
+    """One exit point's head. ``transform`` maps h to the input of the final norm (shared and
+    adapter); untied heads own their norm and LM head."""
+
+    def __init__(self, head_type: str, hidden_size: int, vocab_size: int, eps: float, classifier: bool,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.head_type = head_type
+        self.eps = eps
+        h = hidden_size
+        if head_type == "adapter":
+            self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
+            self.proj = nn.Linear(h, h, bias=True, dtype=dtype)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        elif head_type == "untied":
+            self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
+            self.lm_head_t = nn.Parameter(torch.empty(h, vocab_size, dtype=dtype))
+        elif head_type != "shared":
+            raise ValueError(f"head_type must be shared, adapter or untied, got {head_type!r}")
+        self.classifier = nn.Linear(h, 1, dtype=dtype) if classifier else None
+        if self.classifier is not None:
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
+
+    def normed(self, model: LlamaModel, h: torch.Tensor) -> torch.Tensor:
+        """h: [N, H] residual stream -> [N, H] input of the LM head matrix."""
+        if self.head_type == "untied":
+            return rms_norm(h, self.norm, self.eps)
+        if self.head_type == "adapter":
+            h = h + self.proj(rms_norm(h, self.norm, self.eps))
+        return model.final_norm(h)
+
+    def head_matrix(self, model: LlamaModel) -> torch.Tensor:
+        """[H, V] LM head used by this exit."""
+        return self.lm_head_t if self.head_type == "untied" else model.lm_head_t
+
+    def logits(self, model: LlamaModel, h: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of the full vocabulary ([N, V]) or, with ``ids`` [N, K], of those ids only ([N, K])."""
+        x = self.normed(model, h)
+        w = self.head_matrix(model)
+        if ids is None:
+            return (x @ w).float()
+        cols = w.t()[ids]  # [N, K, H]
+        return torch.bmm(cols, x.unsqueeze(-1)).squeeze(-1).float()  # [N, K]
+
+    def classifier_prob(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N] probability that this exit agrees with the final layer.
+
+        Raises:
+            ValueError: when the head has no classifier.
+        """
+        if self.classifier is None:
+            raise ValueError("confidence 'classifier' needs exit heads trained with a classifier (eeserve tune)")
+        x = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return torch.sigmoid(self.classifier(x.to(self.classifier.weight.dtype)).squeeze(-1).float())
+
+
+class ExitHeads(nn.Module):
+    """The heads of all exit points of one model.
+
+    Args:
+        exit_layers: exit points (layer counts).
+        head_type: ``shared``, ``adapter`` or ``untied``.
+        model: the backbone (shapes; and initial values of untied heads: copies of the final head).
+        classifier: give every exit a classifier probe.
+    """
+
+    def __init__(self, exit_layers: tuple[int, ...], head_type: str, model: LlamaModel, classifier: bool = False) -> None:
+        super().__init__()
+        a = model.args
+        self.exit_layers = tuple(exit_layers)
+        self.head_type = head_type
+        self.has_classifier = classifier
+        self.heads = nn.ModuleDict(
+            {str(e): ExitHead(head_type, a.hidden_size, a.vocab_size, a.rms_norm_eps, classifier, model.dtype)
+             for e in self.exit_layers}
+        )
+        if head_type == "untied":
+            with torch.no_grad():
+                for head in self.heads.values():
+                    head.norm.copy_(model.norm_weight)
+                    head.lm_head_t.copy_(model.lm_head_t)
+
+    def __getitem__(self, exit_layer: int) -> ExitHead:
+        return self.heads[str(exit_layer)]
+
+    def save(self, folder: str | Path, base_model: dict[str, Any], serving: Optional[dict[str, Any]] = None,
+             extra: Optional[dict[str, Any]] = None) -> None:
+        """Write exit_heads.safetensors + exit_config.json into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"exits.{e}.{k}": v.detach().contiguous().cpu() for e, head in self.heads.items()
+                   for k, v in head.state_dict().items()}
+        if tensors:
+            save_file(tensors, str(folder / "exit_heads.safetensors"))
+        cfg = {
+            "format_version": FORMAT_VERSION,
+            "exit_layers": list(self.exit_layers),
+            "head_type": self.head_type,
+            "has_classifier": self.has_classifier,
+            "base_model": base_model,
+            "serving": serving or {},
+            **(extra or {}),
+        }
+        (folder / "exit_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, model: LlamaModel, base_model: dict[str, Any],
+             exit_layers: Optional[tuple[int, ...]] = None) -> "ExitHeads":
+        """Load heads made for ``model``.
+
+        Args:
+            exit_layers: the exit points wanted (default: all in the folder); each must be in it.
+
+        Raises:
+            FileNotFoundError: missing files.
+            ValueError: heads made for another base model, wrong shapes, or exit layers not in
+                the folder; the message says which.
+        """
+        folder = Path(folder)
+        cfg_path, st_path = folder / "exit_config.json", folder / "exit_heads.safetensors"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"exit heads folder {str(folder)!r} has no exit_config.json")
+        cfg = json.loads(cfg_path.read_text())
+        theirs = cfg.get("base_model", {})
+        for key in ("architecture", "num_layers", "hidden_size", "vocab_size", "fingerprint"):
+            if key in theirs and key in base_model and theirs[key] != base_model[key]:
+                raise ValueError(
+                    f"exit heads in {str(folder)!r} were made for another base model: {key} is "
+                    f"{theirs[key]!r} there but {base_model[key]!r} for the loaded model"
+                )
+        available = tuple(cfg["exit_layers"])
+        wanted = tuple(exit_layers) if exit_layers else available
+        missing = [e for e in wanted if e not in available]
+        if missing:
+            raise ValueError(f"exit_layers {missing} have no trained head in {str(folder)!r}; available: {list(available)}")
+        heads = cls(wanted, cfg["head_type"], model, bool(cfg.get("has_classifier", False)))
+        if cfg["head_type"] != "shared" or heads.has_classifier:
+            if not st_path.is_file():
+                raise FileNotFoundError(f"exit heads folder {str(folder)!r} has no exit_heads.safetensors")
+            tensors = load_file(str(st_path))
+            for e in wanted:
+                head = heads[e]
+                state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"exits.{e}.")}
+                mine = head.state_dict()
+                for k, v in mine.items():
+                    if k not in state:
+                        raise ValueError(f"exit heads file lacks tensor exits.{e}.{k}")
+                    if tuple(state[k].shape) != tuple(v.shape):
+                        raise ValueError(
+                            f"exit heads tensor exits.{e}.{k} has shape {tuple(state[k].shape)}, "
+                            f"the loaded model needs {tuple(v.shape)}"
+                        )
+                head.load_state_dict({k: state[k].to(v.dtype) for k, v in mine.items()})
+        heads.to(model.device)
+        heads.requires_grad_(False)
+        return heads
