@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from eeserve.sampling_params import EarlyExitOverride, SamplingParams
 
@@ -81,11 +81,11 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool = False
     early_exit: EarlyExitRequest | None = None
 
-    @model_validator(mode="after")
-    def _check_stream_options(self):
+    def check_stream_options(self) -> str | None:
+        """An error message when stream_options is set without stream, else None."""
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options can only be set when stream is true")
-        return self
+            return "stream_options can only be set when stream is true"
+        return None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Build ``SamplingParams``; raises ValueError naming the field."""
@@ -200,13 +200,9 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
 
-    @model_validator(mode="after")
-    def _check_logprobs(self):
+    def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        return self
-
-    def to_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)

@@ -154,11 +154,16 @@ class _Server:
                            param="model", code="model_not_found")
 
     def params(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> SamplingParams:
+        msg = req.check_stream_options()
+        if msg is not None:
+            raise APIError(400, msg, param="stream_options")
         try:
             return req.to_sampling_params()
         except ValueError as e:
             msg = str(e)
             param = msg.split(" ")[0].removeprefix("SamplingParams.") if msg.startswith("SamplingParams.") else None
+            if msg.startswith("top_logprobs"):
+                param = "top_logprobs"
             raise APIError(400, msg, param=param)
 
     def check_length(self, ids: list[int], params: SamplingParams, param: str) -> None:
@@ -219,12 +224,44 @@ class _Server:
             raise
         return ids, streams
 
-    async def run_all(self, streams, trackers: list[RequestTracker]) -> list[RequestOutput | None]:
+    async def run_all(self, streams, trackers: list[RequestTracker], request: Request) -> list[RequestOutput | None]:
+        """Collect the final outputs; a client that goes away cancels the collection (and so aborts)."""
         finals: list[RequestOutput | None] = [None] * len(streams)
-        async for i, out in _merge(streams):
-            trackers[i].observe(out)
-            finals[i] = out
+
+        async def collect() -> None:
+            async for i, out in _merge(streams):
+                trackers[i].observe(out)
+                finals[i] = out
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    raise APIError(499, "client disconnected")
+            task.result()
+        finally:
+            task.cancel()
         return finals
+
+
+class _APIKeyMiddleware:
+    """Pure ASGI check of ``Authorization: Bearer <key>`` on /v1 routes (leaves disconnects visible)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+            if not secrets.compare_digest(token, self.api_key):
+                err = APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key")
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
@@ -249,15 +286,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     srv = _Server(engine, served_model_name, metrics)
     app.state.server = srv
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), api_key.encode()):
-                return APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'.",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
@@ -343,7 +373,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         lens = [len(p) for p in prompts]
         if not req.stream:
             try:
-                finals = await srv.run_all(streams, trackers)
+                finals = await srv.run_all(streams, trackers, request)
             finally:
                 for rid in rids:
                     engine.abort_nowait(rid)
@@ -416,7 +446,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         n_top = params.logprobs or 0
         if not req.stream:
             try:
-                finals = await srv.run_all(streams, trackers)
+                finals = await srv.run_all(streams, trackers, request)
             finally:
                 for rid in rids:
                     engine.abort_nowait(rid)
