@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
 
 from eeserve.entrypoints.cli_args import (
     add_engine_args,
@@ -29,6 +28,14 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line, no traceback."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises ``UserError`` (one line from ``main``) instead of
+    printing the whole usage block and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
 def _read_prompts_file(path: str) -> list:
     """JSONL: each line a string, {"prompt": str}, {"prompt_token_ids": [...]} or {"messages": [...]}."""
     if not os.path.isfile(path):
@@ -47,7 +54,9 @@ def _read_prompts_file(path: str) -> list:
             elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
                 items.append(obj["prompt"])
             elif isinstance(obj, dict) and isinstance(obj.get("prompt_token_ids"), list):
-                items.append([int(t) for t in obj["prompt_token_ids"]])
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in obj["prompt_token_ids"]):
+                    raise UserError(f"--prompts-file {path}: line {n}: prompt_token_ids must be a list of integers")
+                items.append(list(obj["prompt_token_ids"]))
             elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
                 items.append({"messages": obj["messages"]})
             else:
@@ -148,7 +157,7 @@ def cmd_bench_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eeserve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _ArgumentParser(prog="eeserve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate text for a prompt or a JSONL file of prompts")
@@ -198,9 +207,13 @@ def _add_tuning_commands(sub) -> None:
     tuning_cli.add_commands(sub)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"eeserve: error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 from eeserve.config import (
     CONFIDENCE_MEASURES,
     DTYPES,
@@ -10,7 +11,6 @@ from eeserve.config import (
     EXIT_POLICIES,
     KV_FILLS,
     CacheConfig,
-    EarlyExitConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
@@ -97,13 +97,32 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token")
 
 
+# Config fields whose flag is not simply ``--`` + the field name with dashes.
+_FLAG_OF_FIELD = {"SamplingParams.seed": "--sampling-seed", "exit_head": "--exit-head"}
+
+
+def _with_flag(e: ValueError) -> ValueError:
+    """Put the flag in front of a config error that starts with its field name, so the user
+    sees ``--top-p: SamplingParams.top_p must be ...`` rather than only the Python name."""
+    msg = str(e)
+    field_name = msg.split(" ", 1)[0]
+    if not field_name or not field_name.replace("_", "").replace(".", "").isalnum() or " must " not in msg:
+        return e
+    flag = _FLAG_OF_FIELD.get(field_name) or "--" + field_name.rsplit(".", 1)[-1].replace("_", "-")
+    return ValueError(f"{flag}: {msg}")
+
+
 def sampling_params_from_args(a: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.sampling_seed,
-        presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
-        repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens, min_tokens=a.min_tokens,
-        stop=list(a.stop), ignore_eos=a.ignore_eos, logprobs=a.logprobs,
-    )
+    """Raises ValueError naming the flag and the field."""
+    try:
+        return SamplingParams(
+            n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.sampling_seed,
+            presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+            repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens, min_tokens=a.min_tokens,
+            stop=list(a.stop), ignore_eos=a.ignore_eos, logprobs=a.logprobs,
+        )
+    except ValueError as e:
+        raise _with_flag(e) from None
 
 
 def early_exit_overrides(a: argparse.Namespace) -> dict:
@@ -117,14 +136,17 @@ def early_exit_overrides(a: argparse.Namespace) -> dict:
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
-    """Build the frozen EngineConfig; raises ValueError naming a bad field."""
+    """Build the frozen EngineConfig; raises ValueError naming the bad flag and field."""
     model = getattr(a, "model_pos", None) or a.model or "smollm2-135m"
     from eeserve.early_exit.defaults import resolve_early_exit
 
-    return EngineConfig(
-        model=ModelConfig(model=model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, seed=a.seed),
-        cache=CacheConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory),
-        scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens),
-        early_exit=resolve_early_exit(model, early_exit_overrides(a)),
-    )
+    try:
+        return EngineConfig(
+            model=ModelConfig(model=model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, seed=a.seed),
+            cache=CacheConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory),
+            scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens),
+            early_exit=resolve_early_exit(model, early_exit_overrides(a)),
+        )
+    except ValueError as e:
+        raise _with_flag(e) from None
 
