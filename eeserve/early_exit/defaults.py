@@ -53,7 +53,12 @@ def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig
     if overrides.get("exit_head", base.get("exit_head")) == "shared":
         base.pop("exit_heads", None)
     merged = {**base, **overrides}
-    if "exit_layers" in overrides and "exit_layers" in base and "threshold" not in overrides:
+    if (
+        "exit_layers" in overrides
+        and "exit_layers" in base
+        and tuple(overrides["exit_layers"]) != tuple(base["exit_layers"])
+        and "threshold" not in overrides
+    ):
         # per-exit thresholds of the heads folder no longer line up with new exit layers
         if isinstance(merged.get("threshold"), tuple):
             merged.pop("threshold")

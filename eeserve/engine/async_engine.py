@@ -264,7 +264,7 @@ class AsyncLLMEngine:
         except Exception as e:
             # Which requests the failure touched is unknown: fail and free all of them, keep serving.
             logger.exception("engine step failed; aborting the running requests")
-            ids = list(self.engine._parents)
+            ids = self.engine.unfinished_request_ids()
             err = RuntimeError(f"engine step failed: {e!r}")
             for rid in ids:
                 self._deliver(rid, err)

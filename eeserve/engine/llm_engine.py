@@ -8,12 +8,12 @@ Request flow (DESIGN.md section 5): ``add_request`` (tokenize, validate) -> ``Sc
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import torch
 
-from eeserve.config import EngineConfig
+from eeserve.config import EarlyExitConfig, EngineConfig
 from eeserve.core.interfaces import StepStats
 from eeserve.core.kv_manager import KVCacheManager, cdiv
 from eeserve.core.scheduler import Scheduler
@@ -135,6 +135,24 @@ class LLMEngine:
 
         return build_exit_executor(ee, self.model, self.kv_cache, self.kv_manager, self.model_files)
 
+    def set_early_exit(self, early_exit: EarlyExitConfig) -> None:
+        """Switch the early-exit configuration without reloading the model (benchmarks,
+        calibration). Only allowed while no request is in flight.
+
+        Raises:
+            RuntimeError: requests are still running or waiting.
+            ValueError: invalid settings for this model.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("set_early_exit needs an idle engine: finish or abort the running requests first")
+        old = self.config
+        self.config = replace(old, early_exit=early_exit)
+        try:
+            self.runner.exit_executor = self._build_exit_executor()
+        except Exception:
+            self.config = old
+            raise
+
     # ---- requests ----------------------------------------------------------------------------
 
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -216,6 +234,10 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._parents)
+
+    def unfinished_request_ids(self) -> list[str]:
+        """User request ids still in flight."""
+        return list(self._parents)
 
     # ---- stepping ---------------------------------------------------------------------------
 

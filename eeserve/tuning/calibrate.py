@@ -1,0 +1,294 @@
+"""Threshold calibration for a target token agreement (``eeserve calibrate``).
+
+Method (a Learn-then-Test procedure, Angelopoulos et al. 2021, arXiv 2110.01052, as CALM,
+Schuster et al. 2022, arXiv 2207.07061, section 4):
+
+1. Data: the model's full-depth greedy answers to held-out ``calib`` prompts, teacher-forced once
+   through the backbone. Per answer token t and exit point x: the confidence c[t, x] and
+   ok[t, x] = (exit x's top-1 == the final layer's top-1). A token under thresholds thr exits at
+   the first x with c[t, x] >= thr[x] and agrees when ok[t, x] (or when it runs all layers).
+2. Path (on the first half of the sequences): an ordered list of threshold settings from "never
+   exit" to ever looser. Global: one threshold for all exits, the distinct confidence quantiles
+   in decreasing order. Per exit: greedy; each move lowers one exit's threshold to its next
+   quantile, choosing the move that saves the most layers per agreement lost.
+3. Test (on the other half): walk the path in order (fixed-sequence testing, so no multiple-test
+   correction is needed) and keep the last setting whose disagreement passes the Hoeffding bound
+   ``(1 - agreement_hat) + sqrt(ln(1/delta) / (2 n)) <= 1 - target``. With probability >= 1 - delta
+   over the calibration data the chosen setting's teacher-forced disagreement is <= 1 - target,
+   *if* tokens were i.i.d.; they are not (tokens of one answer are correlated), and generation
+   with skipped layers also drifts (propagated KV), so the bound is a margin, not a guarantee:
+   the result is then checked by real generation on ``test`` prompts. ``delta=None`` gives the
+   plain empirical rule on all the data (agreement_hat >= target).
+
+A threshold above 1 (``NEVER``) disables an exit for probability-valued confidences.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+NEVER = 2.0  # a probability threshold that no confidence reaches
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a threshold setting does on scored tokens.
+
+    Attributes:
+        agreement: share of tokens whose exit's top-1 equals the final layer's.
+        mean_layers: mean layers run per token.
+        exit_share: per exit point, then L: share of tokens leaving there.
+    """
+
+    agreement: float
+    mean_layers: float
+    exit_share: tuple[float, ...]
+
+
+def simulate(conf: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[float], exit_layers: Sequence[int],
+             num_layers: int) -> Outcome:
+    """Apply thresholds to scored tokens.
+
+    Args:
+        conf: [N, X] confidence per token and exit point (higher = more confident).
+        correct: [N, X] bool, exit top-1 == final top-1.
+        thresholds: X values.
+    """
+    n, x = conf.shape
+    thr = torch.tensor(list(thresholds), dtype=conf.dtype)
+    fire = conf >= thr[None, :]  # [N, X]
+    any_fire = fire.any(1)
+    first = torch.where(any_fire, fire.float().argmax(1), torch.full((n,), x))
+    layers = torch.tensor(list(exit_layers) + [num_layers], dtype=torch.float32)[first]
+    ok_ext = torch.cat([correct.bool(), torch.ones(n, 1, dtype=torch.bool)], 1)
+    ok = ok_ext[torch.arange(n), first]
+    share = torch.bincount(first, minlength=x + 1).float() / max(1, n)
+    return Outcome(float(ok.float().mean()), float(layers.mean()), tuple(share.tolist()))
+
+
+def _ladder(values: torch.Tensor, steps: int) -> list[float]:
+    """Candidate thresholds for one exit: observed confidences (at most ``steps`` of them, evenly
+    spaced in rank), decreasing."""
+    uniq = torch.unique(values.float()).flip(0)  # decreasing
+    if uniq.numel() > steps:
+        idx = torch.linspace(0, uniq.numel() - 1, steps).round().long()
+        uniq = uniq[idx]
+    return [float(v) for v in uniq]
+
+
+def global_path(conf: torch.Tensor, steps: int = 200) -> list[tuple[float, ...]]:
+    """Settings with one threshold for every exit, from ``NEVER`` down."""
+    x = conf.shape[1]
+    return [(NEVER,) * x] + [(t,) * x for t in _ladder(conf.flatten(), steps)]
+
+
+def greedy_path(conf: torch.Tensor, correct: torch.Tensor, exit_layers: Sequence[int], num_layers: int,
+                floor: float, steps: int = 40) -> list[tuple[float, ...]]:
+    """Per-exit settings from ``NEVER`` down, greedily: each step lowers the one exit threshold that
+    saves the most layers per unit of agreement lost; stops when agreement would drop below ``floor``."""
+    x = conf.shape[1]
+    ladders = [_ladder(conf[:, i], steps) for i in range(x)]
+    pos = [-1] * x  # -1: NEVER
+    cur = tuple([NEVER] * x)
+    path = [cur]
+    base = simulate(conf, correct, cur, exit_layers, num_layers)
+    while True:
+        best, best_score, best_out = None, -math.inf, None
+        for i in range(x):
+            if pos[i] + 1 >= len(ladders[i]):
+                continue
+            cand = list(cur)
+            cand[i] = ladders[i][pos[i] + 1]
+            out = simulate(conf, correct, cand, exit_layers, num_layers)
+            if out.agreement < floor:
+                continue
+            saved = base.mean_layers - out.mean_layers
+            lost = base.agreement - out.agreement
+            score = saved / (max(lost, 0.0) + 1e-4)
+            if score > best_score:
+                best, best_score, best_out = i, score, out
+        if best is None:
+            return path
+        pos[best] += 1
+        cur = tuple(ladders[i][pos[i]] if pos[i] >= 0 else NEVER for i in range(x))
+        path.append(cur)
+        base = best_out
+
+
+def hoeffding_margin(n: int, delta: float) -> float:
+    """One-sided Hoeffding deviation for a mean of n values in [0, 1] at error rate delta."""
+    return math.sqrt(math.log(1.0 / delta) / (2.0 * max(1, n)))
+
+
+def fixed_sequence_test(path: Sequence[tuple[float, ...]], conf: torch.Tensor, correct: torch.Tensor,
+                        exit_layers: Sequence[int], num_layers: int, target: float,
+                        delta: float | None) -> tuple[float, ...]:
+    """The last setting along ``path`` (in order) that passes; the first one must be ``NEVER``."""
+    margin = hoeffding_margin(conf.shape[0], delta) if delta is not None else 0.0
+    chosen = path[0]
+    for thr in path:
+        out = simulate(conf, correct, thr, exit_layers, num_layers)
+        if (1.0 - out.agreement) + margin > (1.0 - target) + 1e-6:  # float32 means
+            break
+        chosen = thr
+    return chosen
+
+
+def choose_thresholds(conf: torch.Tensor, correct: torch.Tensor, exit_layers: Sequence[int], num_layers: int,
+                      target: float, delta: float | None = 0.1, per_exit: bool = True,
+                      seq: torch.Tensor | None = None) -> tuple[float, ...]:
+    """Thresholds whose teacher-forced agreement meets ``target`` (method: module docstring).
+
+    Args:
+        conf, correct: [N, X] scores of calibration tokens.
+        delta: error rate of the bound; None: plain empirical rule on all tokens, no split.
+        per_exit: per-exit thresholds (greedy path) or one global threshold.
+        seq: [N] sequence index of each token: the split keeps sequences whole (default: by token).
+
+    Raises:
+        ValueError: ``target`` outside (0, 1], or no tokens.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target agreement must be in (0, 1], got {target}")
+    if conf.shape[0] == 0:
+        raise ValueError("no calibration tokens")
+    if delta is None:
+        learn = test = torch.ones(conf.shape[0], dtype=torch.bool)
+    else:
+        key = seq if seq is not None else torch.arange(conf.shape[0])
+        learn = key % 2 == 0
+        test = ~learn
+    floor = target - 0.1 if delta is not None else target
+    path = (greedy_path(conf[learn], correct[learn], exit_layers, num_layers, floor) if per_exit
+            else global_path(conf[learn]))
+    return fixed_sequence_test(path, conf[test], correct[test], exit_layers, num_layers, target, delta)
+
+
+def expected_flops(outcome: Outcome, thresholds: Sequence[float], exit_layers: Sequence[int], args,
+                   measure: str) -> float:
+    """FLOPs per decode token under the executor's accounting: layers run, a confidence check at
+    every exit point passed (classifier 2H, softmax a full-vocabulary head), and the exit head."""
+    check = 2.0 * args.hidden_size if measure == "classifier" else args.head_flops()
+    flops = outcome.mean_layers * args.layer_flops() + args.head_flops()
+    active = [i for i, t in enumerate(thresholds) if t < NEVER]
+    reach = 1.0
+    for i, e in enumerate(exit_layers):
+        if i in active:
+            flops += reach * check
+        reach -= outcome.exit_share[i]
+    return flops
+
+
+def run_calibration(args) -> int:
+    """``eeserve calibrate``: score, choose, verify by generation, write exit_config.json."""
+    import json
+
+    from eeserve.model import loader
+    from eeserve.model.exit_heads import ExitHeads
+    from eeserve.tuning import data
+    from eeserve.tuning.cli import load_llm
+    from eeserve.tuning.evaluate import score_windows
+
+    t0 = time.perf_counter()
+    folder = Path(args.exit_heads)
+    llm = load_llm(args.model)
+    model, margs = llm.engine.model, llm.engine.args
+    heads = ExitHeads.load(folder, model, loader.model_identity(llm.engine.model_files))
+    exits, L = heads.exit_layers, margs.num_layers
+    tok = llm.tokenizer
+    cache = Path(args.cache) / f"answers_calib_{args.max_tokens}.jsonl" if args.cache else None
+    docs = data.generate_answers(llm, data.load_prompts("calib"), args.max_tokens, cache)
+    wins = data.tokenize_documents(docs, lambda s: tok.encode(s, add_special_tokens=False), 4096)
+    scores = score_windows(model, heads, wins)
+    print(f"calibration: {len(wins)} held-out prompts, {scores.correct.shape[0]} answer tokens "
+          f"({time.perf_counter() - t0:.0f} s)")
+    measures = ["classifier", "softmax"] if args.confidence == "auto" else [args.confidence]
+    if scores.classifier is None:
+        measures = [m for m in measures if m != "classifier"] or ["softmax"]
+    rows = []
+    for m in measures:
+        conf = scores.classifier if m == "classifier" else scores.softmax
+        for per_exit in ([True, False] if args.per_exit else [False]):
+            thr = choose_thresholds(conf, scores.correct, exits, L, args.target_agreement, args.delta, per_exit,
+                                    scores.seq)
+            out = simulate(conf, scores.correct, thr, exits, L)
+            rows.append({"confidence": m, "per_exit": per_exit, "thresholds": thr, "outcome": out,
+                         "flops": expected_flops(out, thr, exits, margs, m)})
+    full_flops = L * margs.layer_flops() + margs.head_flops()
+    print("| confidence | thresholds | agreement (teacher-forced) | mean layers | FLOPs vs full |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        kind = "per exit" if r["per_exit"] else "global"
+        thr_s = ", ".join("-" if t >= NEVER else f"{t:.3f}" for t in r["thresholds"])
+        print(f"| {r['confidence']} {kind} | {thr_s} | {r['outcome'].agreement:.3f} | "
+              f"{r['outcome'].mean_layers:.2f} | {r['flops'] / full_flops:.2f} |")
+    best = min(rows, key=lambda r: r["flops"])
+    serving = {"exit_policy": "token", "confidence": best["confidence"],
+               "threshold": [round(t, 6) for t in best["thresholds"]], "kv_fill": "propagate",
+               "min_exit_layer": next((e for e, t in zip(exits, best["thresholds"]) if t < NEVER), exits[-1])}
+    result = {"target_agreement": args.target_agreement, "delta": args.delta,
+              "calib_tokens": int(scores.correct.shape[0]),
+              "teacher_forced_agreement": round(best["outcome"].agreement, 4),
+              "teacher_forced_mean_layers": round(best["outcome"].mean_layers, 3)}
+    if not args.no_verify:
+        result.update(verify(args, folder, serving, llm))
+    print(json.dumps(result, indent=2))
+    if not args.dry_run:
+        cfg_path = folder / "exit_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["serving"] = serving
+        cfg["calibration"] = result
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        print(f"wrote thresholds into {cfg_path}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def token_agreement(model, prompts: Sequence[list[int]], outputs: Sequence[list[int]]) -> float:
+    """DESIGN.md's token agreement: the outputs teacher-forced through the full-depth model; the
+    share of generated tokens equal to its greedy pick given the same prefix."""
+    from eeserve.tuning.data import Window
+    from eeserve.tuning.evaluate import _full_argmax
+
+    agree = total = 0
+    for p, o in zip(prompts, outputs):
+        if not o:
+            continue
+        picks = _full_argmax(model, Window(torch.tensor(p + o, dtype=torch.long), len(p)))  # [len(o)+1]
+        agree += sum(int(a == b) for a, b in zip(picks[: len(o)].tolist(), o))
+        total += len(o)
+    return agree / max(1, total)
+
+
+def verify(args, folder: Path, serving: dict, full_llm) -> dict:
+    """Generate on ``test`` prompts with early exit and at full depth; agreement and speed."""
+    from eeserve import LLM, SamplingParams
+    from eeserve.tuning import data
+
+    prompts = data.load_prompts("test")[: args.num_prompts]
+    ids = [full_llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    ee = LLM(args.model, early_exit={"exit_heads": str(folder), **{k: tuple(v) if isinstance(v, list) else v
+                                                                   for k, v in serving.items()}})
+    t = time.perf_counter()
+    full_out = full_llm.generate(ids, params, use_tqdm=False)
+    t_full = time.perf_counter() - t
+    t = time.perf_counter()
+    ee_out = ee.generate(ids, params, use_tqdm=False)
+    t_ee = time.perf_counter() - t
+    outs = [list(o.outputs[0].token_ids) for o in ee_out]
+    layers = [e for o in ee_out for e in o.outputs[0].exit_layers]
+    n_full = sum(len(o.outputs[0].token_ids) for o in full_out)
+    agreement = token_agreement(full_llm.engine.model, ids, outs)
+    L = full_llm.engine.args.num_layers
+    return {"verify_prompts": len(ids), "verify_tokens": len(layers), "generation_agreement": round(agreement, 4),
+            "generation_mean_layers": round(sum(layers) / max(1, len(layers)), 3),
+            "generation_layer_share": round(sum(layers) / max(1, len(layers)) / L, 4),
+            "full_tok_s": round(n_full / t_full, 1), "ee_tok_s": round(len(layers) / t_ee, 1),
+            "speedup": round((len(layers) / t_ee) / (n_full / t_full), 3)}

@@ -1,0 +1,159 @@
+"""``eeserve tune``, ``eeserve calibrate`` and ``eeserve eval-exits``."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from eeserve.entrypoints.cli_args import _int_list
+
+DEFAULT_EXITS = (16, 20, 22, 24, 26, 27, 28, 29)
+
+
+def add_commands(sub) -> None:
+    """Register the tuning commands on the ``eeserve`` sub-parser."""
+    t = sub.add_parser("tune", help="train exit heads (+ classifier) by distillation, backbone frozen")
+    t.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder")
+    t.add_argument("--exit-layers", type=_int_list, default=DEFAULT_EXITS, help="e.g. 16,20,24,28")
+    t.add_argument("--head", choices=("adapter", "untied"), default="adapter", help="head type (default adapter)")
+    t.add_argument("--no-classifier", action="store_true", help="train no classifier confidence head")
+    t.add_argument("--data", nargs="+", default=["builtin"],
+                   help="text (.txt) or JSONL files, or builtin / builtin:pydoc / builtin:answers (default builtin)")
+    t.add_argument("--out", required=True, help="output folder (heads, config, loss curve, checkpoint)")
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--batch-rows", type=int, default=512, help="tokens per step")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--ce-weight", type=float, default=0.0, help="weight of CE to the final layer's argmax")
+    t.add_argument("--window", type=int, default=128, help="tokens per training sequence")
+    t.add_argument("--max-train-tokens", type=int, default=12000, help="cap on text tokens (besides answers)")
+    t.add_argument("--answer-tokens", type=int, default=64, help="max tokens of each self-generated answer")
+    t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of the windows")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    t.set_defaults(func=cmd_tune)
+
+    c = sub.add_parser("calibrate", help="choose exit thresholds for a target token agreement")
+    c.add_argument("--model", default="smollm2-135m")
+    c.add_argument("--exit-heads", required=True, help="heads folder (from eeserve tune)")
+    c.add_argument("--target-agreement", type=float, default=0.95)
+    c.add_argument("--delta", type=float, default=0.1, help="error rate of the agreement bound (Learn-then-Test)")
+    c.add_argument("--per-exit", action=argparse_bool(), default=True, help="per-exit thresholds (default) or one global")
+    c.add_argument("--confidence", choices=("auto", "classifier", "softmax"), default="auto")
+    c.add_argument("--num-prompts", type=int, default=50, help="held-out prompts for the generation check")
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--no-verify", action="store_true", help="skip the generation check")
+    c.add_argument("--cache", default=None, help="folder to cache the full-depth answers in")
+    c.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
+    c.set_defaults(func=cmd_calibrate)
+
+    ev = sub.add_parser("eval-exits", help="per-exit agreement, KL and calibration error on held-out text")
+    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--exit-heads", default=None, help="tuned heads folder (default: the shipped one)")
+    ev.add_argument("--exit-layers", type=_int_list, default=None, help="exit points (default: the heads')")
+    ev.add_argument("--num-prompts", type=int, default=50)
+    ev.add_argument("--max-tokens", type=int, default=64)
+    ev.add_argument("--cache", default=None, help="folder to cache the full-depth answers in")
+    ev.add_argument("--pydoc-tokens", type=int, default=2000, help="held-out pydoc tokens")
+    ev.set_defaults(func=cmd_eval_exits)
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def load_llm(model: str, dtype: str = "float32"):
+    """The engine with early exit off (a full-depth reference and the frozen backbone)."""
+    from eeserve import LLM
+
+    return LLM(model, dtype=dtype, early_exit={"exit_heads": "none"})
+
+
+def builtin_windows(llm, sources: list[str], window: int, answer_tokens: int, max_tokens: int, seed: int,
+                    cache_dir: Path | None, prompt_split: str = "train"):
+    """Windows of the requested sources (see ``eeserve.tuning.data``).
+
+    Raises:
+        ValueError / FileNotFoundError: empty or unreadable data.
+    """
+    from eeserve.tuning import data
+
+    tok = llm.tokenizer
+
+    def encode(s: str) -> list[int]:
+        return tok.encode(s, add_special_tokens=False)
+
+    text_docs, answer_docs = [], []
+    for src in sources:
+        if src in ("builtin", "builtin:pydoc"):
+            text_docs.extend(data.pydoc_documents())
+        if src in ("builtin", "builtin:answers"):
+            prompts = data.load_prompts(prompt_split)
+            cache = cache_dir / f"answers_{prompt_split}_{answer_tokens}.jsonl" if cache_dir else None
+            answer_docs.extend(data.generate_answers(llm, prompts, answer_tokens, cache))
+        if src not in data.BUILTIN_SOURCES:
+            text_docs.extend(data.read_documents(src))
+    wins = data.tokenize_documents(text_docs, encode, window)
+    if max_tokens > 0:
+        wins = data.limit_tokens(wins, max_tokens, seed)
+    return wins + data.tokenize_documents(answer_docs, encode, window)
+
+
+def cmd_tune(args) -> int:
+    from eeserve.model import loader
+    from eeserve.model.exit_heads import ExitHeads
+    from eeserve.tuning import data, distill
+
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    llm = load_llm(args.model, args.dtype)
+    model = llm.engine.model
+    distill.check_exit_layers(args.exit_layers, model.args.num_layers)  # before any work
+    for src in args.data:
+        if src not in data.BUILTIN_SOURCES and not Path(src).is_file():
+            raise FileNotFoundError(f"data file {src!r} does not exist")
+    torch.manual_seed(args.seed)
+    wins = builtin_windows(llm, args.data, args.window, args.answer_tokens, args.max_train_tokens, args.seed, out)
+    train_w, held_w = data.split_windows(wins, args.heldout, args.seed)
+    n_train = sum(w.num_loss_rows for w in train_w)
+    print(f"data: {len(train_w)} training windows ({n_train} loss tokens), {len(held_w)} held out; "
+          f"{time.perf_counter() - t_start:.0f} s so far")
+    feats = distill.collect_features(model, train_w, args.exit_layers, progress=True)
+    held = distill.collect_features(model, held_w, args.exit_layers, progress=True)
+    print(f"features: {time.perf_counter() - t_start:.0f} s so far")
+    heads = ExitHeads(tuple(args.exit_layers), args.head, model, classifier=not args.no_classifier)
+    cfg = distill.TrainConfig(steps=args.steps, batch_rows=args.batch_rows, lr=args.lr, ce_weight=args.ce_weight,
+                              seed=args.seed)
+    log = distill.train_heads(model, heads, feats, held, cfg, out / "checkpoint.pt", args.resume, progress=True)
+    distill.plot_losses(log, args.exit_layers, out / "loss_curve.png")
+    serving = {"exit_policy": "token", "confidence": "classifier" if heads.has_classifier else "softmax",
+               "kv_fill": "propagate", "threshold": 0.9, "min_exit_layer": min(args.exit_layers)}
+    extra = {"tuning": {"data": args.data, "steps": args.steps, "batch_rows": args.batch_rows, "lr": args.lr,
+                        "ce_weight": args.ce_weight, "window": args.window, "seed": args.seed,
+                        "train_tokens": n_train, "heldout_kl": log.heldout[-1][1] if log.heldout else None,
+                        "train_seconds": round(log.seconds, 1),
+                        "total_seconds": round(time.perf_counter() - t_start, 1)}}
+    # fp16 on disk (half the size); ExitHeads.load converts to the model's dtype
+    copy.deepcopy(heads).half().save(out, loader.model_identity(llm.engine.model_files), serving, extra)
+    print(f"wrote {out}/exit_heads.safetensors, exit_config.json, loss_curve.png "
+          f"({time.perf_counter() - t_start:.0f} s in all); held-out KL per exit: "
+          + ", ".join(f"{e}: {k:.3f}" for e, k in zip(args.exit_layers, log.heldout[-1][1] if log.heldout else [])))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from eeserve.tuning.calibrate import run_calibration
+
+    return run_calibration(args)
+
+
+def cmd_eval_exits(args) -> int:
+    from eeserve.tuning.evaluate import run_eval
+
+    return run_eval(args)
+

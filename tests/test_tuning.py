@@ -1,0 +1,170 @@
+"""Exit-head tuning and calibration on a tiny random Llama (no tokenizer, no default model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eeserve.model.exit_heads import ExitHeads
+from eeserve.model.llama import LlamaModel, ModelArgs
+from eeserve.tuning import calibrate, data, distill
+from eeserve.tuning.evaluate import exit_table, expected_calibration_error, score_windows
+
+IDENTITY = {"architecture": "LlamaForCausalLM", "num_layers": 4, "hidden_size": 64, "vocab_size": 128,
+            "fingerprint": "tiny"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+                      initializer_range=0.3)
+    hf = LlamaForCausalLM(cfg)
+    model = LlamaModel(ModelArgs.from_hf_config(cfg), cfg, torch.float32, torch.device("cpu"), 256)
+    model.load_hf_state_dict(hf.state_dict())
+    return model
+
+
+def _windows(n: int, length: int = 24, seed: int = 0) -> list[data.Window]:
+    g = torch.Generator().manual_seed(seed)
+    return [data.Window(torch.randint(0, 128, (length,), generator=g), 1) for _ in range(n)]
+
+
+def test_features_match_full_forward(tiny):
+    """The collected hidden states are the backbone's: the shared head on the last exit's state
+    run through the remaining layers equals the final logits' top ids."""
+    wins = _windows(3)
+    feats = distill.collect_features(tiny, wins, (1, 2, 3), top_k=4, batch_tokens=40)
+    assert feats.hidden.shape == (72, 3, 64) and feats.top_ids.shape == (72, 4)
+    from eeserve.tuning.evaluate import _full_argmax
+
+    top1 = torch.cat([_full_argmax(tiny, w) for w in wins])
+    assert torch.equal(feats.top_ids[:, 0], top1)
+
+
+def test_tuning_lowers_distillation_loss(tiny):
+    wins = _windows(48, 32)
+    train_w, held_w = data.split_windows(wins, 0.25, seed=0)
+    train = distill.collect_features(tiny, train_w, (1, 2), top_k=8)
+    held = distill.collect_features(tiny, held_w, (1, 2), top_k=8)
+    heads = ExitHeads((1, 2), "adapter", tiny, classifier=True)
+    cfg = distill.TrainConfig(steps=80, batch_rows=128, lr=3e-2, union_k=8, negatives=16, eval_every=80)
+    before = distill.heldout_kl(tiny, heads, held, cfg)
+    log = distill.train_heads(tiny, heads, train, held, cfg)
+    after = log.heldout[-1][1]
+    assert all(a < 0.85 * b for a, b in zip(after, before)), (before, after)
+    # the full-vocabulary KL on held-out text drops too
+    shared = exit_table(score_windows(tiny, ExitHeads((1, 2), "shared", tiny), held_w))
+    tuned = exit_table(score_windows(tiny, heads, held_w))
+    assert all(t["kl"] < s["kl"] for s, t in zip(shared, tuned))
+
+
+def test_resume_continues_from_checkpoint(tiny, tmp_path):
+    train = distill.collect_features(tiny, _windows(4), (2,), top_k=8)
+    cfg = distill.TrainConfig(steps=6, batch_rows=32, union_k=8, negatives=8, ckpt_every=3)
+    a = ExitHeads((2,), "adapter", tiny, classifier=True)
+    distill.train_heads(tiny, a, train, None, cfg)
+    b = ExitHeads((2,), "adapter", tiny, classifier=True)
+    distill.train_heads(tiny, b, train, None, cfg, tmp_path / "ck.pt", stop_after=3)  # interrupted
+    b = ExitHeads((2,), "adapter", tiny, classifier=True)  # a fresh process
+    log = distill.train_heads(tiny, b, train, None, cfg, tmp_path / "ck.pt", resume=True)
+    assert [s for s, _ in log.train] == list(range(1, 7))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
+@pytest.mark.parametrize("head_type", ["adapter", "untied"])
+def test_save_load_identical(tiny, tmp_path, head_type):
+    train = distill.collect_features(tiny, _windows(4), (1, 3), top_k=8)
+    heads = ExitHeads((1, 3), head_type, tiny, classifier=True)
+    distill.train_heads(tiny, heads, train, None, distill.TrainConfig(steps=3, batch_rows=32, union_k=8, negatives=8))
+    heads.save(tmp_path, IDENTITY, {"confidence": "classifier"})
+    loaded = ExitHeads.load(tmp_path, tiny, IDENTITY)
+    h = torch.randn(5, 64)
+    for e in (1, 3):
+        assert torch.equal(heads[e].logits(tiny, h), loaded[e].logits(tiny, h))
+        assert torch.equal(heads[e].classifier_prob(h), loaded[e].classifier_prob(h))
+    # fp16 storage (what the shipped heads use) loads into the fp32 model within fp16 rounding
+    heads.half().save(tmp_path / "half", IDENTITY)
+    heads.float()
+    half = ExitHeads.load(tmp_path / "half", tiny, IDENTITY)
+    assert torch.allclose(heads[3].logits(tiny, h), half[3].logits(tiny, h), atol=1e-2)
+    with pytest.raises(ValueError, match="another base model"):
+        ExitHeads.load(tmp_path, tiny, {**IDENTITY, "fingerprint": "other"})
+
+
+def test_bad_input_errors(tiny):
+    with pytest.raises(ValueError, match="1..3"):
+        distill.collect_features(tiny, _windows(2), (0, 2))
+    with pytest.raises(ValueError, match="1..3"):
+        distill.check_exit_layers((2, 4), 4)
+    with pytest.raises(ValueError, match="no usable text"):
+        data.split_windows([], 0.1, 0)
+    with pytest.raises(ValueError, match="too little data"):
+        data.split_windows(_windows(1), 0.1, 0)
+
+
+def test_data_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        data.read_documents(str(empty))
+    with pytest.raises(FileNotFoundError):
+        data.read_documents(str(tmp_path / "missing.txt"))
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "Q?", "response": "A b c d e f g h i"}) + "\n" + json.dumps("plain") + "\n")
+    docs = data.read_documents(str(f))
+    assert docs[0].context == "Q?" and docs[1].text == "plain"
+    wins = data.tokenize_documents(docs, lambda s: [ord(c) for c in s], window=32)
+    # the prompt is context: loss starts at its last token (predicting the response's first)
+    assert wins[0].token_ids.tolist()[:2] == [ord("Q"), ord("?")] and wins[0].first_target == 2
+    assert len(data.load_prompts("train")) + len(data.load_prompts("calib")) + len(data.load_prompts("test")) \
+        == len(data.load_prompts("all"))
+    assert len(data.load_prompts("test")) >= 50
+
+
+def test_calibration_picks_hand_computed_threshold():
+    # one exit at layer 2 of 4; tokens sorted by confidence, correctness scripted
+    conf = torch.tensor([[0.95], [0.9], [0.8], [0.7], [0.6], [0.5], [0.4], [0.3], [0.2], [0.1]])
+    ok = torch.tensor([[True], [True], [True], [False], [True], [True], [False], [False], [False], [False]])
+    # threshold t: tokens with conf >= t exit (agree iff ok), the rest run all layers (agree).
+    # t=0.8: 0 wrong -> 1.0; t=0.7: 1 wrong -> 0.9; t=0.5: 1 wrong -> 0.9; t=0.4: 2 wrong -> 0.8
+    thr = calibrate.choose_thresholds(conf, ok, (2,), 4, target=0.9, delta=None, per_exit=False)
+    assert thr == pytest.approx((0.5,))
+    thr = calibrate.choose_thresholds(conf, ok, (2,), 4, target=0.95, delta=None, per_exit=False)
+    assert thr == pytest.approx((0.8,))
+    out = calibrate.simulate(conf, ok, (0.5,), (2,), 4)
+    assert out.agreement == pytest.approx(0.9) and out.mean_layers == pytest.approx(0.6 * 2 + 0.4 * 4)
+    # target 1.0: only the three most confident tokens (all right) may exit
+    assert calibrate.choose_thresholds(conf, ok, (2,), 4, 1.0, None, False) == pytest.approx((0.8,))
+    # nothing passes: no token exits
+    wrong = torch.zeros_like(ok)
+    assert calibrate.choose_thresholds(conf, wrong, (2,), 4, 0.95, None, False) == (calibrate.NEVER,)
+
+
+def test_calibration_per_exit_and_bound():
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    conf = torch.rand(n, 2, generator=g)
+    # exit 1 (layer 2) is right when very confident; exit 2 (layer 3) when fairly confident
+    ok = torch.stack([conf[:, 0] > 0.8, conf[:, 1] > 0.3], 1)
+    thr = calibrate.choose_thresholds(conf, ok, (2, 3), 4, target=0.99, delta=None, per_exit=True)
+    out = calibrate.simulate(conf, ok, thr, (2, 3), 4)
+    assert out.agreement >= 0.99 and out.mean_layers < 3.1
+    assert thr[0] >= 0.7 and thr[1] >= 0.25
+    # the Hoeffding margin makes the choice stricter, never looser
+    thr_b = calibrate.choose_thresholds(conf, ok, (2, 3), 4, target=0.99, delta=0.1, per_exit=True)
+    assert calibrate.simulate(conf, ok, thr_b, (2, 3), 4).agreement >= 0.99
+    assert calibrate.hoeffding_margin(2000, 0.1) == pytest.approx((torch.log(torch.tensor(10.0)) / 4000).sqrt().item())
+
+
+def test_ece():
+    conf = torch.tensor([0.95, 0.95, 0.15, 0.15])
+    ok = torch.tensor([True, True, False, True])
+    # bin 9: acc 1, conf .95 -> .05 * .5; bin 1: acc .5, conf .15 -> .35 * .5
+    assert expected_calibration_error(conf, ok) == pytest.approx(0.2)
