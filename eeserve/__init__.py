@@ -18,13 +18,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "LLM",
-    "SamplingParams",
-    "EarlyExitOverride",
-    "RequestOutput",
+    "CacheConfig",
     "CompletionOutput",
+    "EarlyExitConfig",
+    "EarlyExitOverride",
     "EngineConfig",
     "ModelConfig",
-    "CacheConfig",
+    "RequestOutput",
+    "SamplingParams",
     "SchedulerConfig",
-    "EarlyExitConfig",
 ]

@@ -7,7 +7,7 @@ receives one of these objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 ExitPolicy = Literal["none", "batch", "token"]
 ExitHeadType = Literal["shared", "adapter", "untied"]
@@ -41,7 +41,7 @@ class ModelConfig:
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,8 +70,8 @@ class CacheConfig:
     """
 
     block_size: int = 16
-    num_kv_blocks: Optional[int] = None
-    kv_cache_memory: Optional[int] = None
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
     debug_nan_fill: bool = False
 
     def __post_init__(self) -> None:
@@ -136,9 +136,9 @@ class EarlyExitConfig:
     exit_layers: tuple[int, ...] = ()
     exit_head: str = "shared"
     confidence: str = "softmax"
-    threshold: Union[float, tuple[float, ...]] = 0.9
+    threshold: float | tuple[float, ...] = 0.9
     kv_fill: str = "propagate"
-    exit_heads: Optional[str] = None
+    exit_heads: str | None = None
     min_exit_layer: int = 1
     vocab_prune_k: int = 0
 

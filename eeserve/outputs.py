@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 # One generated position: {token_id: Logprob} holding the top-N and the chosen token.
 
@@ -14,7 +13,7 @@ class Logprob:
 
     logprob: float
     rank: int
-    decoded_token: Optional[str] = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -35,10 +34,10 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: Optional[float] = None
-    logprobs: Optional[list[dict[int, Logprob]]] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[str | int] = None
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
     exit_layers: list[int] = field(default_factory=list)
 
     def finished(self) -> bool:
@@ -57,11 +56,11 @@ class RequestMetrics:
     """
 
     arrival_time: float
-    first_token_time: Optional[float] = None
-    finished_time: Optional[float] = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
     num_preemptions: int = 0
-    mean_layers_per_token: Optional[float] = None
-    flops_ratio: Optional[float] = None
+    mean_layers_per_token: float | None = None
+    flops_ratio: float | None = None
 
 
 @dataclass
@@ -69,7 +68,7 @@ class RequestOutput:
     """Output of one request: the prompt and its ``n`` completions."""
 
     request_id: str
-    prompt: Optional[str]
+    prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool

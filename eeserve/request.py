@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,7 @@ class RequestStatus(enum.Enum):
         )
 
     @property
-    def finish_reason(self) -> Optional[str]:
+    def finish_reason(self) -> str | None:
         """OpenAI/vLLM finish reason: ``stop``, ``length``, ``abort``; None while unfinished."""
         return self.value if self.finished else None
 
@@ -63,17 +62,17 @@ class Request:
     sampling_params: SamplingParams
     arrival_time: float  # seconds, time.time()
     max_tokens: int  # resolved output budget (tokens)
-    eos_token_id: Optional[int] = None
+    eos_token_id: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # layers run, one per output token
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    generator: Optional[torch.Generator] = None  # per-request RNG when seeded
-    first_token_time: Optional[float] = None  # seconds, time.time()
-    finished_time: Optional[float] = None
-    stop_reason: Optional[str | int] = None  # the stop string or stop token that ended it
+    generator: torch.Generator | None = None  # per-request RNG when seeded
+    first_token_time: float | None = None  # seconds, time.time()
+    finished_time: float | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
     flops: float = 0.0  # FLOPs spent on this request's decode tokens
     full_flops: float = 0.0  # FLOPs the same tokens would cost at full depth
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 _MAX_SEED = 2**63 - 1
 
@@ -24,7 +23,7 @@ class EarlyExitOverride:
     """
 
     enabled: bool = True
-    threshold: Optional[float] = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not isinstance(self.threshold, (int, float)):
@@ -46,20 +45,20 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
-    seed: Optional[int] = None
+    seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    max_tokens: Optional[int] = 16  # None: up to the context length
+    max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    logprobs: Optional[int] = None  # top-N logprobs per generated token (plus the chosen one)
-    prompt_logprobs: Optional[int] = None
+    logprobs: int | None = None  # top-N logprobs per generated token (plus the chosen one)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    early_exit: Optional[EarlyExitOverride] = None
+    early_exit: EarlyExitOverride | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -10,7 +10,13 @@ from helpers import assert_no_leak, first_divergence
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from eeserve import LLM, EarlyExitOverride, SamplingParams
-from eeserve.early_exit.confidence import entropy, is_confident, margin_confidence, saturation, softmax_confidence
+from eeserve.early_exit.confidence import (
+    entropy,
+    is_confident,
+    margin_confidence,
+    saturation,
+    softmax_confidence,
+)
 from eeserve.early_exit.policy import exit_decision
 
 EXITS = (8, 16, 24)
@@ -140,7 +146,7 @@ def test_propagate_kv_equals_formula(hf_model):
     prompt = llm.tokenizer.encode("Water boils at one hundred degrees")
     eng.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     while True:
-        outs = eng.step()
+        eng.step()
         req = eng.scheduler.requests.get("r")
         if req is not None and req.num_output_tokens == 5:  # tokens 1..4 are decode rows that exited at e
             break

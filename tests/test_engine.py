@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from conftest import CHAT_PROMPTS
-from helpers import assert_greedy_matches_reference, assert_no_leak, assert_same_or_near_tie, reference_logits
+from helpers import (
+    assert_greedy_matches_reference,
+    assert_no_leak,
+    assert_same_or_near_tie,
+    reference_logits,
+)
 
 from eeserve import LLM, SamplingParams
 from eeserve.worker.model_runner import logits_for_prompt

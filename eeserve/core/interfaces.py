@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from eeserve.request import TokenLogprobs
 
@@ -68,7 +67,7 @@ class SampledToken:
 
     token_id: int
     exit_layer: int
-    logprobs: Optional[TokenLogprobs] = None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass

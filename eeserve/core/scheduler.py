@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from eeserve.config import SchedulerConfig
 from eeserve.core.interfaces import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -217,7 +217,7 @@ class Scheduler:
             updated.append(req)
         return updated
 
-    def _stop_status(self, req: Request, token_id: int) -> Optional[RequestStatus]:
+    def _stop_status(self, req: Request, token_id: int) -> RequestStatus | None:
         p = req.sampling_params
         if req.num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and req.eos_token_id is not None and token_id == req.eos_token_id:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from eeserve.config import EarlyExitConfig
 
 SHIPPED_HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "exit_heads"
 
 
-def shipped_heads(model: str) -> Optional[Path]:
+def shipped_heads(model: str) -> Path | None:
     """Folder of the tuned exit heads shipped for an alias, or None."""
     d = SHIPPED_HEADS_DIR / model
     return d if (d / "exit_config.json").is_file() else None

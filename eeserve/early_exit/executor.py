@@ -17,7 +17,6 @@ positions whose K/V at j is real or being written in the same pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -50,14 +49,14 @@ class _Group:
     is_decode: bool
     samples: bool
     eligible: bool  # may exit early
-    threshold: Optional[float]  # per-request override of the global threshold
+    threshold: float | None  # per-request override of the global threshold
     positions: list[int]  # [n] positions of the active rows
     slots: list[int]  # [n] their cache slots
     ctx_slots: torch.Tensor  # [ctx] slots of positions 0..ctx-1
     joins: dict[int, list[PendingKV]] = field(default_factory=dict)  # layer -> pending rows joining there
     riding: list[int] = field(default_factory=list)  # positions of pending rows now in the batch
-    prev_hidden: Optional[torch.Tensor] = None  # [H] decode row at the previous exit (saturation)
-    top_ids: Optional[torch.Tensor] = None  # [K] pruned vocabulary from the first exit point
+    prev_hidden: torch.Tensor | None = None  # [H] decode row at the previous exit (saturation)
+    top_ids: torch.Tensor | None = None  # [K] pruned vocabulary from the first exit point
     spent: float = 0.0  # FLOPs
 
     @property
@@ -92,7 +91,7 @@ class ExitExecutor:
         self.full_head_flops = a.head_flops()
         # Test/debug aid: when a list, every confidence check appends
         # (request_id, position, exit_layer, score, threshold).
-        self.trace: Optional[list[tuple[str, int, int, float, float]]] = None
+        self.trace: list[tuple[str, int, int, float, float]] | None = None
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -153,7 +152,7 @@ class ExitExecutor:
             parts.extend(r[1] for r in rows)
         return torch.cat(parts) if parts else h
 
-    def _score(self, e: int, groups: list[_Group], hc: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    def _score(self, e: int, groups: list[_Group], hc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Confidence of the candidate decode rows at exit ``e``.
 
         Returns:
@@ -255,7 +254,7 @@ class ExitExecutor:
         request_flops[g.request_id] = (g.spent, full)
 
     def _exit_point(self, e: int, groups: list[_Group], h: torch.Tensor, results: dict[str, tuple[torch.Tensor, int]],
-                    stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> Optional[list[bool]]:
+                    stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> list[bool] | None:
         """Score the decode rows at exit ``e`` and let the policy decide.
 
         Returns:

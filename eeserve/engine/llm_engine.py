@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -44,7 +44,7 @@ class _Parent:
     """A user request: its prompt and its n child sequences."""
 
     request_id: str
-    prompt: Optional[str]
+    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
@@ -122,7 +122,7 @@ class LLMEngine:
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.manual_seed(mc.seed)
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(self.default_generator), self._build_exit_executor())
-        self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
+        self.eos_token_id: int | None = self.tokenizer.eos_token_id
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}
@@ -155,7 +155,7 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return (prompt text or None, token ids).
 
         Raises:
@@ -163,7 +163,7 @@ class LLMEngine:
         """
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            text: Optional[str] = prompt
+            text: str | None = prompt
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids, text = list(prompt), None
             bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
@@ -179,8 +179,8 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: Optional[SamplingParams] = None,
-        arrival_time: Optional[float] = None,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
     ) -> None:
         """Tokenize and queue a request (n child sequences when ``params.n > 1``).
 
@@ -216,7 +216,7 @@ class LLMEngine:
         self._parents[request_id] = parent
         self.stats.num_prompt_tokens += len(ids) * params.n
 
-    def abort_request(self, request_ids: Union[str, list[str]]) -> None:
+    def abort_request(self, request_ids: str | list[str]) -> None:
         """Abort requests (by user request id); their blocks are freed at once. Unknown ids are ignored."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from eeserve.config import CacheConfig, EarlyExitConfig, EngineConfig, ModelConfig, SchedulerConfig
 from eeserve.engine.llm_engine import LLMEngine, PromptType
@@ -46,13 +47,13 @@ class LLM:
         *,
         dtype: str = "float32",
         device: str = "cpu",
-        max_model_len: Optional[int] = None,
+        max_model_len: int | None = None,
         block_size: int = 16,
-        num_kv_blocks: Optional[int] = None,
-        kv_cache_memory: Optional[int] = None,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 512,
-        early_exit: Union[EarlyExitConfig, dict, None] = None,
+        early_exit: EarlyExitConfig | dict | None = None,
         seed: int = 0,
         debug_nan_fill: bool = False,
     ) -> None:
@@ -73,7 +74,7 @@ class LLM:
         self._counter = itertools.count()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLM":
+    def from_config(cls, config: EngineConfig) -> LLM:
         """Build from a complete ``EngineConfig`` (what the CLI does)."""
         llm = cls.__new__(cls)
         llm.engine = LLMEngine(config)
@@ -89,8 +90,8 @@ class LLM:
 
     def generate(
         self,
-        prompts: Union[PromptType, Sequence[PromptType]],
-        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate completions for one or many prompts (strings or token-id lists).
@@ -158,11 +159,11 @@ class LLM:
 
     def chat(
         self,
-        messages: Union[list[Message], list[list[Message]]],
-        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
-        chat_template_kwargs: Optional[dict[str, Any]] = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, using the model's chat template.
 
@@ -177,7 +178,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(
-        self, conversation: list[Message], add_generation_prompt: bool = True, chat_template_kwargs: Optional[dict] = None
+        self, conversation: list[Message], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
     ) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
         for i, m in enumerate(conversation):

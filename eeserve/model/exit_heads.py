@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,7 +67,7 @@ class ExitHead(nn.Module):
         """[H, V] LM head used by this exit."""
         return self.lm_head_t if self.head_type == "untied" else model.lm_head_t
 
-    def logits(self, model: LlamaModel, h: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logits(self, model: LlamaModel, h: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the full vocabulary ([N, V]) or, with ``ids`` [N, K], of those ids only ([N, K])."""
         x = self.normed(model, h)
         w = self.head_matrix(model)
@@ -117,8 +117,8 @@ class ExitHeads(nn.Module):
     def __getitem__(self, exit_layer: int) -> ExitHead:
         return self.heads[str(exit_layer)]
 
-    def save(self, folder: str | Path, base_model: dict[str, Any], serving: Optional[dict[str, Any]] = None,
-             extra: Optional[dict[str, Any]] = None) -> None:
+    def save(self, folder: str | Path, base_model: dict[str, Any], serving: dict[str, Any] | None = None,
+             extra: dict[str, Any] | None = None) -> None:
         """Write exit_heads.safetensors + exit_config.json into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ class ExitHeads(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, model: LlamaModel, base_model: dict[str, Any],
-             exit_layers: Optional[tuple[int, ...]] = None) -> "ExitHeads":
+             exit_layers: tuple[int, ...] | None = None) -> ExitHeads:
         """Load heads made for ``model``.
 
         Args:

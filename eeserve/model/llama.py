@@ -46,7 +46,7 @@ class ModelArgs:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf_config(cls, cfg) -> "ModelArgs":
+    def from_hf_config(cls, cfg) -> ModelArgs:
         """Raises ValueError for architectures other than ``SUPPORTED_ARCHITECTURES``."""
         if cfg.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(

@@ -4,11 +4,16 @@ exit is on), and samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from eeserve.core.interfaces import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput, StepStats
+from eeserve.core.interfaces import (
+    ModelRunnerOutput,
+    SampledToken,
+    ScheduledRequest,
+    SchedulerOutput,
+    StepStats,
+)
 from eeserve.model.attention import AttentionMetadata, SeqAttention, build_attention_metadata
 from eeserve.model.llama import LlamaModel
 from eeserve.request import Request
@@ -172,7 +177,7 @@ class ModelRunner:
 
 
 def logits_for_prompt(
-    model: LlamaModel, kv_cache: KVCache, token_ids: list[int], block_ids: list[int], layers: Optional[int] = None
+    model: LlamaModel, kv_cache: KVCache, token_ids: list[int], block_ids: list[int], layers: int | None = None
 ) -> torch.Tensor:
     """Prefill ``token_ids`` into the given blocks and return [n, V] logits of every position from
     the shared head after ``layers`` layers (default all). A test and tuning helper."""
