@@ -17,19 +17,27 @@ from eeserve.early_exit.confidence import (
     saturation,
     softmax_confidence,
 )
+from eeserve.early_exit.defaults import resolve_early_exit
 from eeserve.early_exit.policy import exit_decision
 
 EXITS = (8, 16, 24)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 
 
-def _ee_llm(policy: str, fill: str, threshold, confidence: str = "softmax", exits=EXITS, **kw) -> LLM:
-    return LLM(
-        "smollm2-135m", num_kv_blocks=128, debug_nan_fill=True,
-        early_exit=dict(exit_heads="none", exit_policy=policy, exit_layers=exits, threshold=threshold,
-                        kv_fill=fill, confidence=confidence),
-        **kw,
-    )
+_SHARED: dict[str, LLM] = {}
+
+
+def _ee_llm(policy: str, fill: str, threshold, confidence: str = "softmax", exits=EXITS) -> LLM:
+    """One loaded model (NaN debug fill on) for the module, switched to the wanted early-exit
+    settings with ``set_early_exit``; a fresh engine is only built the first time."""
+    ee = resolve_early_exit("smollm2-135m", dict(exit_heads="none", exit_policy=policy, exit_layers=exits,
+                                                  threshold=threshold, kv_fill=fill, confidence=confidence))
+    if "llm" not in _SHARED:
+        _SHARED["llm"] = LLM("smollm2-135m", num_kv_blocks=128, debug_nan_fill=True, early_exit={"exit_heads": "none"})
+    llm = _SHARED["llm"]
+    llm.engine.set_early_exit(ee)
+    llm.engine.runner.exit_executor and setattr(llm.engine.runner.exit_executor, "trace", None)
+    return llm
 
 
 def _cache_rows(llm: LLM, layer: int, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +92,38 @@ def test_batch_policy_rows_leave_together():
 # ---- thresholds that can never be met == exit_policy none --------------------------------------
 
 
-@pytest.mark.parametrize("policy,fill", [("batch", "propagate"), ("token", "propagate"), ("token", "recompute"), ("batch", "recompute")])
-def test_unreachable_threshold_equals_full_model(policy, fill):
+@pytest.fixture(scope="module")
+def full_depth_run(llm):
+    """Reference: exit_policy none. Returns (outputs, {prompt index: [n, 30, 2, nkv, hd] K/V of its
+    computed positions}) captured one step before the requests finish."""
+    return _run_capturing_kv(llm)
+
+
+def _run_capturing_kv(llm: LLM):
+    eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
-    base = LLM("smollm2-135m", num_kv_blocks=128, debug_nan_fill=True, early_exit={"exit_heads": "none"})
-    ref = base.generate(PROMPTS, params, use_tqdm=False)
+    ids = [f"cap{i}" for i in range(len(PROMPTS))]
+    for rid, p in zip(ids, PROMPTS):
+        eng.add_request(rid, p, params)
+    outs: dict[str, object] = {}
+    kv: dict[str, torch.Tensor] = {}
+    while eng.has_unfinished_requests():
+        for rid in ids:
+            req = eng.scheduler.requests.get(rid)
+            if req is not None and req.num_output_tokens == 11:  # one step before the end
+                slots = torch.tensor(eng.kv_cache.slots(list(eng.kv_manager.block_ids(rid)), 0, req.num_computed_tokens))
+                kv[rid] = torch.stack([torch.stack([eng.kv_cache.k[j][slots], eng.kv_cache.v[j][slots]]) for j in range(30)])
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+    return [outs[r] for r in ids], [kv[r] for r in ids]
+
+
+@pytest.mark.parametrize("policy,fill", [("batch", "propagate"), ("token", "propagate"), ("token", "recompute"), ("batch", "recompute")])
+def test_unreachable_threshold_equals_full_model(full_depth_run, policy, fill):
+    ref, ref_kv = full_depth_run
     ee = _ee_llm(policy, fill, 2.0)  # max probability never reaches 2
-    got = ee.generate(PROMPTS, params, use_tqdm=False)
+    got, got_kv = _run_capturing_kv(ee)
     for r, g in zip(ref, got):
         rc, gc = r.outputs[0], g.outputs[0]
         assert gc.token_ids == rc.token_ids
@@ -98,10 +131,9 @@ def test_unreachable_threshold_equals_full_model(policy, fill):
         for a, b in zip(rc.logprobs, gc.logprobs):
             assert a.keys() == b.keys()
             assert all(abs(a[t].logprob - b[t].logprob) < 1e-6 for t in a)
-    # Same allocation order in both engines: the cache contents are the same too.
-    for j in range(30):
-        assert torch.allclose(base.engine.kv_cache.k[j][:-1], ee.engine.kv_cache.k[j][:-1], atol=1e-6, equal_nan=True)
-        assert torch.allclose(base.engine.kv_cache.v[j][:-1], ee.engine.kv_cache.v[j][:-1], atol=1e-6, equal_nan=True)
+    for a, b in zip(ref_kv, got_kv):  # every computed position, every layer, K and V
+        assert a.shape == b.shape and torch.isfinite(b).all()
+        assert (a - b).abs().max() <= 1e-6
     assert ee.engine.kv_manager.num_pending == 0
     assert_no_leak(ee)
 
@@ -252,9 +284,16 @@ def test_per_request_override_and_metrics():
 def test_bad_exit_settings_are_refused():
     with pytest.raises(ValueError, match="exit_layers must be in 1..29"):
         _ee_llm("token", "propagate", 0.5, exits=(8, 30))
+    llm = _SHARED["llm"]
     with pytest.raises(ValueError, match="needs trained heads"):
-        LLM("smollm2-135m", num_kv_blocks=16, early_exit=dict(exit_heads="none", exit_policy="token", exit_layers=(8,), exit_head="adapter"))
+        llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", dict(
+            exit_heads="none", exit_policy="token", exit_layers=(8,), exit_head="adapter")))
     with pytest.raises(ValueError, match="classifier"):
-        LLM("smollm2-135m", num_kv_blocks=16, early_exit=dict(exit_heads="none", exit_policy="token", exit_layers=(8,), confidence="classifier"))
+        llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", dict(
+            exit_heads="none", exit_policy="token", exit_layers=(8,), confidence="classifier")))
     with pytest.raises(ValueError, match="kv_fill"):
         _ee_llm("token", "sometimes", 0.5)
+    # a refused setting leaves the engine serving with its previous configuration
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+    assert_no_leak(llm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -34,10 +35,12 @@ class KVCacheManager:
     Args:
         num_blocks: blocks in the cache.
         block_size: token slots per block.
+        on_free: called with the block ids a request gives back (the debug NaN fill uses it).
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, on_free: Optional[Callable[[list[int]], None]] = None) -> None:
         self.block_size = block_size
+        self._on_free = on_free
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
         self._pending: dict[str, dict[int, PendingKV]] = {}
@@ -112,6 +115,8 @@ class KVCacheManager:
         table = self._tables.pop(request_id, None)
         if table:
             self.pool.free(table)
+            if self._on_free is not None:
+                self._on_free(table)
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()

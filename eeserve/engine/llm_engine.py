@@ -117,7 +117,9 @@ class LLMEngine:
             self.args.num_layers, num_blocks, cc.block_size, self.args.num_kv_heads, self.args.head_dim,
             self.dtype, self.device, debug_nan_fill=cc.debug_nan_fill,
         )
-        self.kv_manager = KVCacheManager(num_blocks, cc.block_size)
+        self.kv_manager = KVCacheManager(
+            num_blocks, cc.block_size, on_free=self.kv_cache.poison_blocks if cc.debug_nan_fill else None
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.manual_seed(mc.seed)

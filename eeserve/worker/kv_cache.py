@@ -48,6 +48,16 @@ class KVCache:
         for t in self.k + self.v:
             t[self.pad_slot].zero_()
 
+    def poison_blocks(self, block_ids: list[int]) -> None:
+        """Fill the given blocks with NaN in every layer (debug mode: a freed block must be written
+        again before anything reads it)."""
+        if not block_ids:
+            return
+        bs = self.block_size
+        idx = torch.tensor([b * bs + i for b in block_ids for i in range(bs)], dtype=torch.long, device=self.k[0].device)
+        for t in self.k + self.v:
+            t.index_fill_(0, idx, float("nan"))
+
     def slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         """Slots of positions start..end-1 of a sequence whose block table is ``block_ids``."""
         bs = self.block_size
