@@ -25,27 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from common import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PROMPTS = [
-    "Explain how a refrigerator keeps food cold.",
-    "Write a short story about a lighthouse keeper.",
-    "What are the main causes of inflation?",
-    "Describe the water cycle for a ten-year-old.",
-    "Give three tips for writing clean Python code.",
-    "Why do cats purr?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How does a compiler differ from an interpreter?",
-    "What is the difference between weather and climate?",
-    "How do vaccines train the immune system?",
-    "Write a limerick about a forgetful robot.",
-    "What is a black hole?",
-    "Explain recursion with an example.",
-    "Why is the ocean salty?",
-    "List the planets of the solar system in order.",
-    "What makes a good cup of coffee?",
-]
 
 
 @dataclass
@@ -66,18 +49,10 @@ class Row:
 def agreement(llm, outs) -> float:
     """Token agreement: share of generated tokens equal to the full model's greedy pick given the
     same prefix (the early-exit output teacher-forced through the full-depth model)."""
-    from eeserve.worker.model_runner import logits_for_prompt
-
-    eng = llm.engine
     same = total = 0
     for o in outs:
         ids = o.prompt_token_ids + o.outputs[0].token_ids
-        n_blocks = -(-len(ids) // eng.kv_cache.block_size)
-        blocks = eng.kv_manager.pool.allocate(n_blocks)
-        try:
-            logits = logits_for_prompt(eng.model, eng.kv_cache, ids, blocks)
-        finally:
-            eng.kv_manager.pool.free(blocks)
+        logits = llm.engine.full_depth_logits(ids)
         p = len(o.prompt_token_ids)
         pred = logits[p - 1 : len(ids) - 1].argmax(-1).tolist()
         gen = o.outputs[0].token_ids

@@ -22,17 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import PROMPTS
+
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [
-    "Explain how a refrigerator keeps food cold.",
-    "Write a short story about a lighthouse keeper.",
-    "What are the main causes of inflation?",
-    "Describe the water cycle for a ten-year-old.",
-    "Give three tips for writing clean Python code.",
-    "Why do cats purr?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How does a compiler differ from an interpreter?",
-]
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:

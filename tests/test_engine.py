@@ -12,7 +12,6 @@ from helpers import (
 )
 
 from eeserve import LLM, SamplingParams
-from eeserve.worker.model_runner import logits_for_prompt
 
 RAW_PROMPTS = [
     "The capital of France is",
@@ -27,12 +26,7 @@ def test_logits_match_transformers(llm, hf_model):
     for prompt in RAW_PROMPTS:
         ids = eng.tokenizer.encode(prompt)
         ref = reference_logits(hf_model, ids)
-        n_blocks = -(-len(ids) // eng.kv_cache.block_size)
-        blocks = eng.kv_manager.pool.allocate(n_blocks)
-        try:
-            ours = logits_for_prompt(eng.model, eng.kv_cache, ids, blocks)
-        finally:
-            eng.kv_manager.pool.free(blocks)
+        ours = eng.full_depth_logits(ids)
         diff = (ours - ref).abs().max().item()
         assert diff <= 1e-3, f"{prompt!r}: max |logit diff| {diff}"
 
@@ -109,11 +103,7 @@ def test_n_and_logprobs(llm):
         assert len(c.token_ids) == 8 and len(c.logprobs) == 8
         # Each chosen token's logprob equals log_softmax of the full-model logits at that prefix.
         ids = out.prompt_token_ids + c.token_ids
-        blocks = eng.kv_manager.pool.allocate(-(-len(ids) // eng.kv_cache.block_size))
-        try:
-            ref = torch.log_softmax(logits_for_prompt(eng.model, eng.kv_cache, ids, blocks), -1)
-        finally:
-            eng.kv_manager.pool.free(blocks)
+        ref = torch.log_softmax(eng.full_depth_logits(ids), -1)
         p0 = len(out.prompt_token_ids)
         total = 0.0
         for i, (tok, lp) in enumerate(zip(c.token_ids, c.logprobs)):

@@ -24,7 +24,7 @@ from eeserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOu
 from eeserve.request import Request, RequestStatus
 from eeserve.sampling_params import SamplingParams
 from eeserve.worker.kv_cache import KVCache, kv_bytes_per_block
-from eeserve.worker.model_runner import ModelRunner
+from eeserve.worker.model_runner import ModelRunner, logits_for_prompt
 from eeserve.worker.sampler import Sampler
 
 PromptType = Union[str, list[int]]
@@ -338,6 +338,25 @@ class LLMEngine:
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions, finished, metrics)
 
     # ---- introspection ----------------------------------------------------------------------
+
+    def full_depth_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[n, V] float32 logits of every position of ``token_ids`` from all L layers and the final
+        head (teacher forcing), computed in scratch blocks that are freed again. Used for token
+        agreement (DESIGN.md section 2) and logprob checks.
+
+        Raises:
+            RuntimeError: not enough free KV blocks for ``len(token_ids)`` tokens right now.
+        """
+        n_blocks = cdiv(len(token_ids), self.kv_cache.block_size)
+        if not self.kv_manager.pool.can_allocate(n_blocks):
+            raise RuntimeError(f"full_depth_logits needs {n_blocks} free KV blocks, {self.num_free_blocks} are free")
+        blocks = self.kv_manager.pool.allocate(n_blocks)
+        try:
+            return logits_for_prompt(self.model, self.kv_cache, token_ids, blocks)
+        finally:
+            self.kv_manager.pool.free(blocks)
+            if self.config.cache.debug_nan_fill:
+                self.kv_cache.poison_blocks(blocks)
 
     @property
     def num_free_blocks(self) -> int:
