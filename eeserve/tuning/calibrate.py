@@ -12,13 +12,15 @@ Schuster et al. 2022, arXiv 2207.07061, section 4):
    in decreasing order. Per exit: greedy; each move lowers one exit's threshold to its next
    quantile, choosing the move that saves the most layers per agreement lost.
 3. Test (on the other half): walk the path in order (fixed-sequence testing, so no multiple-test
-   correction is needed) and keep the last setting whose disagreement passes the Hoeffding bound
-   ``(1 - agreement_hat) + sqrt(ln(1/delta) / (2 n)) <= 1 - target``. With probability >= 1 - delta
-   over the calibration data the chosen setting's teacher-forced disagreement is <= 1 - target,
-   *if* tokens were i.i.d.; they are not (tokens of one answer are correlated), and generation
-   with skipped layers also drifts (propagated KV), so the bound is a margin, not a guarantee:
-   the result is then checked by real generation on ``test`` prompts. ``delta=None`` gives the
-   plain empirical rule on all the data (agreement_hat >= target).
+   correction is needed) and keep the last setting whose disagreement passes the binomial
+   (Clopper-Pearson) upper bound at level delta: ``upper_delta(disagreements, n) <= 1 - target``.
+   With probability >= 1 - delta over the calibration data the chosen setting's teacher-forced
+   disagreement is <= 1 - target, *if* tokens were i.i.d.; they are not (tokens of one answer are
+   correlated), and generation with skipped layers drifts (propagated K/V), so the bound is a
+   margin, not a guarantee. ``delta=None`` gives the plain empirical rule on all the data.
+4. Check (``run_calibration``): generate on ``test`` prompts with the chosen thresholds, measure
+   token agreement by teacher-forcing the output through the full-depth model, and while it is
+   short of the target, raise the calibration target by ``step`` and choose again.
 
 A threshold above 1 (``NEVER``) disables an exit for probability-valued confidences.
 """
@@ -121,6 +123,33 @@ def greedy_path(conf: torch.Tensor, correct: torch.Tensor, exit_layers: Sequence
         base = best_out
 
 
+def binomial_upper(k: int, n: int, delta: float) -> float:
+    """Clopper-Pearson upper confidence bound: the u with P(Binomial(n, u) <= k) = delta, i.e. a
+    risk that exceeds u would give k or fewer failures in n with probability below delta."""
+    if k >= n:
+        return 1.0
+
+    def cdf(u: float) -> float:
+        if u <= 0.0:
+            return 1.0
+        if u >= 1.0:
+            return 0.0
+        lu, l1u = math.log(u), math.log1p(-u)
+        terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lu + (n - i) * l1u
+                 for i in range(k + 1)]
+        m = max(terms)
+        return math.exp(m) * sum(math.exp(t - m) for t in terms)
+
+    lo, hi = k / n, 1.0
+    for _ in range(60):  # bisection; cdf decreases in u
+        mid = (lo + hi) / 2
+        if cdf(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def hoeffding_margin(n: int, delta: float) -> float:
     """One-sided Hoeffding deviation for a mean of n values in [0, 1] at error rate delta."""
     return math.sqrt(math.log(1.0 / delta) / (2.0 * max(1, n)))
@@ -130,11 +159,13 @@ def fixed_sequence_test(path: Sequence[tuple[float, ...]], conf: torch.Tensor, c
                         exit_layers: Sequence[int], num_layers: int, target: float,
                         delta: float | None) -> tuple[float, ...]:
     """The last setting along ``path`` (in order) that passes; the first one must be ``NEVER``."""
-    margin = hoeffding_margin(conf.shape[0], delta) if delta is not None else 0.0
+    n = conf.shape[0]
     chosen = path[0]
     for thr in path:
         out = simulate(conf, correct, thr, exit_layers, num_layers)
-        if (1.0 - out.agreement) + margin > (1.0 - target) + 1e-6:  # float32 means
+        k = round((1.0 - out.agreement) * n)  # disagreeing tokens
+        risk = binomial_upper(k, n, delta) if delta is not None else k / n
+        if risk > (1.0 - target) + 1e-9:
             break
         chosen = thr
     return chosen
@@ -176,11 +207,10 @@ def expected_flops(outcome: Outcome, thresholds: Sequence[float], exit_layers: S
     every exit point passed (classifier 2H, softmax a full-vocabulary head), and the exit head."""
     check = 2.0 * args.hidden_size if measure == "classifier" else args.head_flops()
     flops = outcome.mean_layers * args.layer_flops() + args.head_flops()
-    active = [i for i, t in enumerate(thresholds) if t < NEVER]
-    reach = 1.0
-    for i, e in enumerate(exit_layers):
-        if i in active:
-            flops += reach * check
+    first = next((i for i, t in enumerate(thresholds) if t < NEVER), len(thresholds))
+    reach = 1.0  # share of tokens still running at exit i; every exit from min_exit_layer on is scored
+    for i in range(first, len(exit_layers)):
+        flops += reach * check
         reach -= outcome.exit_share[i]
     return flops
 
@@ -211,33 +241,46 @@ def run_calibration(args) -> int:
     measures = ["classifier", "softmax"] if args.confidence == "auto" else [args.confidence]
     if scores.classifier is None:
         measures = [m for m in measures if m != "classifier"] or ["softmax"]
-    rows = []
-    for m in measures:
-        conf = scores.classifier if m == "classifier" else scores.softmax
-        for per_exit in ([True, False] if args.per_exit else [False]):
-            thr = choose_thresholds(conf, scores.correct, exits, L, args.target_agreement, args.delta, per_exit,
-                                    scores.seq)
-            out = simulate(conf, scores.correct, thr, exits, L)
-            rows.append({"confidence": m, "per_exit": per_exit, "thresholds": thr, "outcome": out,
-                         "flops": expected_flops(out, thr, exits, margs, m)})
     full_flops = L * margs.layer_flops() + margs.head_flops()
-    print("| confidence | thresholds | agreement (teacher-forced) | mean layers | FLOPs vs full |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        kind = "per exit" if r["per_exit"] else "global"
-        thr_s = ", ".join("-" if t >= NEVER else f"{t:.3f}" for t in r["thresholds"])
-        print(f"| {r['confidence']} {kind} | {thr_s} | {r['outcome'].agreement:.3f} | "
-              f"{r['outcome'].mean_layers:.2f} | {r['flops'] / full_flops:.2f} |")
-    best = min(rows, key=lambda r: r["flops"])
-    serving = {"exit_policy": "token", "confidence": best["confidence"],
-               "threshold": [round(t, 6) for t in best["thresholds"]], "kv_fill": "propagate",
-               "min_exit_layer": next((e for e, t in zip(exits, best["thresholds"]) if t < NEVER), exits[-1])}
-    result = {"target_agreement": args.target_agreement, "delta": args.delta,
-              "calib_tokens": int(scores.correct.shape[0]),
-              "teacher_forced_agreement": round(best["outcome"].agreement, 4),
-              "teacher_forced_mean_layers": round(best["outcome"].mean_layers, 3)}
-    if not args.no_verify:
+    internal = args.target_agreement
+    attempts = []
+    for _ in range(args.max_attempts):
+        rows = []
+        for m in measures:
+            conf = scores.classifier if m == "classifier" else scores.softmax
+            for per_exit in ([True, False] if args.per_exit else [False]):
+                thr = choose_thresholds(conf, scores.correct, exits, L, internal, args.delta, per_exit, scores.seq)
+                out = simulate(conf, scores.correct, thr, exits, L)
+                rows.append({"confidence": m, "per_exit": per_exit, "thresholds": thr, "outcome": out,
+                             "flops": expected_flops(out, thr, exits, margs, m)})
+        print(f"calibration target {internal:.3f} (teacher-forced, bound at delta {args.delta}):")
+        print("| confidence | thresholds | agreement (teacher-forced) | mean layers | FLOPs vs full |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            kind = "per exit" if r["per_exit"] else "global"
+            thr_s = ", ".join("-" if t >= NEVER else f"{t:.3f}" for t in r["thresholds"])
+            print(f"| {r['confidence']} {kind} | {thr_s} | {r['outcome'].agreement:.3f} | "
+                  f"{r['outcome'].mean_layers:.2f} | {r['flops'] / full_flops:.2f} |")
+        best = min(rows, key=lambda r: r["flops"])
+        serving = {"exit_policy": "token", "confidence": best["confidence"],
+                   "threshold": [round(t, 6) for t in best["thresholds"]], "kv_fill": "propagate",
+                   "min_exit_layer": next((e for e, t in zip(exits, best["thresholds"]) if t < NEVER), exits[-1])}
+        result = {"target_agreement": args.target_agreement, "calibration_target": round(internal, 4),
+                  "delta": args.delta, "calib_tokens": int(scores.correct.shape[0]),
+                  "teacher_forced_agreement": round(best["outcome"].agreement, 4),
+                  "teacher_forced_mean_layers": round(best["outcome"].mean_layers, 3)}
+        if args.no_verify:
+            break
+        # generation drifts from teacher forcing (skipped layers' K/V are propagated, not
+        # computed): check on test prompts and tighten the calibration target while short
         result.update(verify(args, folder, serving, llm))
+        print(json.dumps(result, indent=2))
+        attempts.append(result)
+        if result["generation_agreement"] >= args.target_agreement:
+            break
+        internal = min(1.0, internal + args.step)
+    result["attempts"] = [{k: a[k] for k in ("calibration_target", "generation_agreement", "generation_mean_layers",
+                                              "speedup")} for a in attempts]
     print(json.dumps(result, indent=2))
     if not args.dry_run:
         cfg_path = folder / "exit_config.json"
@@ -283,6 +326,9 @@ def verify(args, folder: Path, serving: dict, full_llm) -> dict:
     ee_out = ee.generate(ids, params, use_tqdm=False)
     t_ee = time.perf_counter() - t
     outs = [list(o.outputs[0].token_ids) for o in ee_out]
+    if args.cache:  # the full-depth answers to test prompts are eval-exits' held-out text
+        data.save_answers(Path(args.cache) / f"answers_test{len(ids)}_{args.max_tokens}.jsonl", prompts, ids,
+                          [list(o.outputs[0].token_ids) for o in full_out], args.max_tokens)
     layers = [e for o in ee_out for e in o.outputs[0].exit_layers]
     n_full = sum(len(o.outputs[0].token_ids) for o in full_out)
     agreement = token_agreement(full_llm.engine.model, ids, outs)

@@ -45,6 +45,9 @@ def add_commands(sub) -> None:
     c.add_argument("--confidence", choices=("auto", "classifier", "softmax"), default="auto")
     c.add_argument("--num-prompts", type=int, default=50, help="held-out prompts for the generation check")
     c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--max-attempts", type=int, default=3,
+                   help="tighten the calibration target by --step while generation falls short (default 3)")
+    c.add_argument("--step", type=float, default=0.01)
     c.add_argument("--no-verify", action="store_true", help="skip the generation check")
     c.add_argument("--cache", default=None, help="folder to cache the full-depth answers in")
     c.add_argument("--dry-run", action="store_true", help="print the table, write nothing")

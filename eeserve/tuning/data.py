@@ -201,9 +201,14 @@ def generate_answers(llm, prompts: Sequence[str], max_tokens: int, cache: Path |
             return [Document(token_ids=tuple(r["ids"]), num_context_tokens=r["n_ctx"]) for r in rows]
     ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     outs = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=True)
+    return save_answers(cache, prompts, ids, [list(o.outputs[0].token_ids) for o in outs], max_tokens)
+
+
+def save_answers(cache: Path | None, prompts: Sequence[str], prompt_ids: Sequence[list[int]],
+                 outputs: Sequence[list[int]], max_tokens: int) -> list[Document]:
+    """Answers as documents; written to ``cache`` (JSONL) when given."""
     docs, rows = [], []
-    for p, i, o in zip(prompts, ids, outs):
-        gen = list(o.outputs[0].token_ids)
+    for p, i, gen in zip(prompts, prompt_ids, outputs):
         docs.append(Document(token_ids=tuple(i + gen), num_context_tokens=len(i)))
         rows.append({"prompt": p, "max_tokens": max_tokens, "ids": i + gen, "n_ctx": len(i)})
     if cache is not None:
