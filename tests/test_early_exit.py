@@ -297,3 +297,39 @@ def test_bad_exit_settings_are_refused():
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
     assert_no_leak(llm)
+
+
+def test_vocab_pruning_scores_only_the_first_exits_top_k():
+    """With vocab_prune_k=K, later exit points score a token's confidence over the K ids the
+    first exit point ranked highest (arXiv 2410.18952), at 2*H*K FLOPs instead of 2*H*V."""
+    k = 16
+    llm = _ee_llm("token", "propagate", 2.0, exits=(8, 16, 24))
+    full_cfg = llm.engine.config.early_exit
+    llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", dict(
+        exit_heads="none", exit_policy="token", exit_layers=(8, 16, 24), threshold=2.0, vocab_prune_k=k)))
+    ex = llm.engine.runner.exit_executor
+    ex.trace = trace = []
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    pruned_flops = out.metrics.flops_ratio
+    # the pruned scores are softmax over K ids: never below the full-vocabulary max probability
+    llm.engine.set_early_exit(full_cfg)
+    llm.engine.runner.exit_executor.trace = full_trace = []
+    ref = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    assert ref.outputs[0].token_ids == out.outputs[0].token_ids  # threshold 2: nobody exits either way
+    by_key = {(p, e): s for _, p, e, s, _ in full_trace}
+    for _, p, e, s, _ in trace:
+        if e == 8:
+            assert s == pytest.approx(by_key[(p, e)], abs=1e-5)  # the first exit scores the full vocabulary
+        else:
+            assert s >= by_key[(p, e)] - 1e-6
+    # direct check of the pruned head: logits over ids == full logits gathered at those ids
+    eng = llm.engine
+    h = torch.randn(3, eng.args.hidden_size)
+    head = ex.heads[16]
+    ids = torch.randint(0, eng.args.vocab_size, (3, k))
+    assert torch.allclose(head.logits(eng.model, h, ids), head.logits(eng.model, h).gather(1, ids), atol=1e-4)
+    # FLOPs: two pruned checks instead of two full-vocabulary heads
+    a = eng.args
+    per_token_saving = 2 * (a.head_flops() - a.head_flops(k)) / (a.num_layers * a.layer_flops() + a.head_flops())
+    assert pruned_flops == pytest.approx(ref.metrics.flops_ratio - per_token_saving, abs=1e-3)
+    assert_no_leak(llm)

@@ -64,6 +64,33 @@ class _Group:
         return len(self.positions)
 
 
+class _StepLogits:
+    """Full-vocabulary logits of the rows that sample, computed once per head matrix at the end of
+    the step: rows leaving at different exit points share one product with the LM head instead of
+    streaming the whole head (113 MB for the default model) once per exit point."""
+
+    def __init__(self) -> None:
+        self.ready: dict[str, torch.Tensor] = {}  # request id -> [V] logits already computed
+        self.todo: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (request id, [H] normed x, [H, V] W)
+
+    def add_ready(self, request_id: str, logits: torch.Tensor) -> None:
+        self.ready[request_id] = logits
+
+    def add_normed(self, request_id: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+        self.todo.append((request_id, x, weight))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = dict(self.ready)
+        by_matrix: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for item in self.todo:
+            by_matrix.setdefault(id(item[2]), []).append(item)
+        for items in by_matrix.values():
+            logits = (torch.stack([x for _, x, _ in items]) @ items[0][2]).float()  # [n, V]
+            for (rid, _, _), row in zip(items, logits):
+                out[rid] = row
+        return out
+
+
 class ExitExecutor:
     """Runs steps with early exit.
 
@@ -193,7 +220,8 @@ class ExitExecutor:
         if cfg.confidence == "saturation":
             for g, off in zip(groups, self._offsets(groups)):
                 g.prev_hidden = h[off + g.n - 1]
-        results: dict[str, tuple[torch.Tensor, int]] = {}  # request id -> ([V] logits, exit layer)
+        step_logits = _StepLogits()
+        exit_layer_of: dict[str, int] = {}  # request id -> layers run
         request_flops: dict[str, tuple[float, float]] = {}  # request id -> (spent, full depth)
         boundaries = sorted(set(self.exit_points) | {j for g in groups for j in g.joins} | {L})
         meta = self._meta(groups)
@@ -212,7 +240,7 @@ class ExitExecutor:
             if b == L:
                 break
             if b in self.exit_points:
-                keep = self._exit_point(b, groups, h, results, stats, request_flops)
+                keep = self._exit_point(b, groups, h, step_logits, exit_layer_of, stats, request_flops)
                 if keep is not None:
                     offsets = self._offsets(groups)
                     rows = [i for g, off, k in zip(groups, offsets, keep) if k for i in range(off, off + g.n)]
@@ -229,10 +257,11 @@ class ExitExecutor:
             offsets = self._offsets(groups)
             final = [(g, off + g.n - 1) for g, off in zip(groups, offsets) if g.samples]
             if final:
-                logits = model.compute_logits(h[torch.tensor([r for _, r in final], device=h.device)])
+                x = model.final_norm(h[torch.tensor([r for _, r in final], device=h.device)])  # [S', H]
                 stats.head_flops += len(final) * self.full_head_flops
-                for (g, _), row in zip(final, logits):
-                    results[g.request_id] = (row, L)
+                for (g, _), row in zip(final, x):
+                    step_logits.add_normed(g.request_id, row, model.lm_head_t)
+                    exit_layer_of[g.request_id] = L
                     g.spent += self.full_head_flops
             for g in groups:
                 for p in g.riding:
@@ -242,8 +271,9 @@ class ExitExecutor:
                     self._account(g, stats, request_flops)
 
         order = inputs.sample_request_ids
-        logits = torch.stack([results[r][0] for r in order]) if order else torch.empty(0, model.args.vocab_size)
-        exit_layers = [results[r][1] for r in order]
+        rows = step_logits.compute()
+        logits = torch.stack([rows[r] for r in order]) if order else torch.empty(0, model.args.vocab_size)
+        exit_layers = [exit_layer_of[r] for r in order]
         return ForwardResult(logits, exit_layers, stats, request_flops)
 
     def _account(self, g: _Group, stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> None:
@@ -253,8 +283,9 @@ class ExitExecutor:
         stats.decode_flops += g.spent
         request_flops[g.request_id] = (g.spent, full)
 
-    def _exit_point(self, e: int, groups: list[_Group], h: torch.Tensor, results: dict[str, tuple[torch.Tensor, int]],
-                    stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> list[bool] | None:
+    def _exit_point(self, e: int, groups: list[_Group], h: torch.Tensor, step_logits: _StepLogits,
+                    exit_layer_of: dict[str, int], stats: StepStats,
+                    request_flops: dict[str, tuple[float, float]]) -> list[bool] | None:
         """Score the decode rows at exit ``e`` and let the policy decide.
 
         Returns:
@@ -287,12 +318,15 @@ class ExitExecutor:
         idx = leave.nonzero().flatten()
         exiting = [cgroups[i] for i in idx.tolist()]
         h_exit = hc[idx]  # [M, H]
+        head = self.heads[e]
         if full is not None:
-            logits = full[idx]
+            for g, row in zip(exiting, full[idx]):
+                step_logits.add_ready(g.request_id, row)
         else:
-            logits = self.heads[e].logits(self.model, h_exit)
             stats.head_flops += self.full_head_flops * len(exiting)
-            for g in exiting:
+            weight = head.head_matrix(self.model)
+            for g, x in zip(exiting, head.normed(self.model, h_exit)):
+                step_logits.add_normed(g.request_id, x, weight)
                 g.spent += self.full_head_flops
         positions = torch.tensor([g.positions[-1] for g in exiting], device=h.device)
         slots = torch.tensor([g.slots[-1] for g in exiting], device=h.device)
@@ -308,8 +342,8 @@ class ExitExecutor:
                 off = offsets[groups.index(g)]
                 for i, p in enumerate(g.positions):
                     self.kv_manager.set_pending(g.request_id, PendingKV(p, e, h[off + i].clone()))
-        for g, row in zip(exiting, logits):
-            results[g.request_id] = (row, e)
+        for g in exiting:
+            exit_layer_of[g.request_id] = e
             stats.exits[e] = stats.exits.get(e, 0) + 1
             self._account(g, stats, request_flops)
         gone = {id(g) for g in exiting}
