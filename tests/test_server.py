@@ -348,6 +348,9 @@ class _FakeEngine:
     def has_unfinished_requests(self):
         return bool(self._parents)
 
+    def unfinished_request_ids(self):
+        return list(self._parents)
+
     def step(self):
         time.sleep(0.001)
         if self.fail:
