@@ -97,7 +97,7 @@ def main() -> None:
     base = resolve_early_exit(args.model, {} if args.exit_heads is None else {"exit_heads": args.exit_heads})
     tuned = base.exit_heads is not None and base.exit_head != "shared"
     if tuned:
-        heads_desc = f"tuned {base.exit_head} heads ({base.exit_heads}), confidence {base.confidence}"
+        heads_desc = f"tuned {base.exit_head} heads ({Path(base.exit_heads).name}), confidence {base.confidence}"
         layers = base.exit_layers
         confidence = base.confidence
         default_thr = "calibrated,0.5,0.7,0.9" if not args.quick else "calibrated,0.9"
@@ -180,7 +180,8 @@ def plot(rows: list[Row], out: Path, heads_desc: str) -> None:
     for ax, conc in zip(axes[0], concs):
         for pol in ("batch", "token"):
             for fill in ("propagate", "recompute"):
-                rs = [r for r in rows if r.concurrency == conc and r.policy == pol and r.kv_fill == fill]
+                rs = sorted((r for r in rows if r.concurrency == conc and r.policy == pol and r.kv_fill == fill),
+                            key=lambda r: r.agreement)
                 if rs:
                     ax.plot([r.agreement for r in rs], [r.speedup for r in rs], marker=markers[fill], color=colors[pol],
                             linestyle="-" if fill == "propagate" else "--", label=f"{pol} / {fill}")
