@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from eeserve.config import DTYPES
 from eeserve.entrypoints.cli_args import _int_list
 
 DEFAULT_EXITS = (16, 20, 22, 24, 26, 27, 28, 29)
@@ -33,7 +34,7 @@ def add_commands(sub) -> None:
     t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of the windows")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    t.add_argument("--dtype", default="float32", choices=DTYPES)
     t.set_defaults(func=cmd_tune)
 
     c = sub.add_parser("calibrate", help="choose exit thresholds for a target token agreement")

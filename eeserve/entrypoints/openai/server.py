@@ -264,6 +264,32 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _Deltas:
+    """What each streamed choice added since its last chunk (one owner for the stream's progress)."""
+
+    def __init__(self) -> None:
+        self._chars: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> text chars sent
+        self._tokens: dict[tuple[int, int], int] = {}  # -> tokens sent
+        self._done: set[tuple[int, int]] = set()
+
+    def advance(self, key: tuple[int, int], c) -> tuple[int, int] | None:
+        """Record that ``c`` (a CompletionOutput) is being sent.
+
+        Returns:
+            (chars already sent, tokens already sent), or None when the choice has nothing new
+            (no new token and not finished, or already finished).
+        """
+        if key in self._done:
+            return None
+        old_chars, old_n = self._chars.get(key, 0), self._tokens.get(key, 0)
+        if len(c.token_ids) == old_n and c.finish_reason is None:
+            return None
+        self._chars[key], self._tokens[key] = len(c.text), len(c.token_ids)
+        if c.finish_reason is not None:
+            self._done.add(key)
+        return old_chars, old_n
+
+
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
     """Build the FastAPI app. The engine thread starts with the app's lifespan.
 
@@ -391,9 +417,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         created = int(time.time())
 
         async def events() -> AsyncIterator[str]:
-            prev_text: dict[tuple[int, int], str] = {}
-            prev_n: dict[tuple[int, int], int] = {}
-            done: set[tuple[int, int]] = set()
+            deltas = _Deltas()
             finals: list[RequestOutput | None] = [None] * len(streams)
             try:
                 async for i, out in _merge(streams):
@@ -401,21 +425,16 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                     finals[i] = out
                     choices = []
                     for c in out.outputs:
-                        key = (i, c.index)
-                        if key in done:
+                        step = deltas.advance((i, c.index), c)
+                        if step is None:
                             continue
-                        old_t, old_n = prev_text.get(key, ""), prev_n.get(key, 0)
-                        if len(c.token_ids) == old_n and c.finish_reason is None:
-                            continue
+                        old_chars, old_n = step
                         choices.append(P.CompletionChoice(
-                            index=i * params.n + c.index, text=c.text[len(old_t):], finish_reason=c.finish_reason,
+                            index=i * params.n + c.index, text=c.text[old_chars:], finish_reason=c.finish_reason,
                             stop_reason=c.stop_reason, exit_layers=c.exit_layers[old_n:],
-                            logprobs=(_completion_logprobs(c, old_n, len(old_t), n_top)
+                            logprobs=(_completion_logprobs(c, old_n, old_chars, n_top)
                                       if params.logprobs is not None else None),
                         ))
-                        prev_text[key], prev_n[key] = c.text, len(c.token_ids)
-                        if c.finish_reason is not None:
-                            done.add(key)
                     if choices:
                         chunk = P.CompletionResponse(id=resp_id, created=created, model=served_model_name,
                                                      choices=choices, usage=None)
@@ -474,28 +493,22 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                              for j in range(params.n)],
                 )
                 yield _sse(first.model_dump(exclude=excl, exclude_none=False))
-                prev_text: dict[int, str] = {}
-                prev_n: dict[int, int] = {}
-                done: set[int] = set()
+                deltas = _Deltas()
                 async for _, out in _merge(streams):
                     trackers[0].observe(out)
                     final = out
                     choices = []
                     for c in out.outputs:
-                        if c.index in done:
+                        step = deltas.advance((0, c.index), c)
+                        if step is None:
                             continue
-                        old_t, old_n = prev_text.get(c.index, ""), prev_n.get(c.index, 0)
-                        if len(c.token_ids) == old_n and c.finish_reason is None:
-                            continue
+                        old_chars, old_n = step
                         choices.append(P.ChatStreamChoice(
-                            index=c.index, delta=P.DeltaMessage(content=c.text[len(old_t):]),
+                            index=c.index, delta=P.DeltaMessage(content=c.text[old_chars:]),
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                             exit_layers=c.exit_layers[old_n:],
                             logprobs=_chat_logprobs(c, old_n, n_top) if params.logprobs is not None else None,
                         ))
-                        prev_text[c.index], prev_n[c.index] = c.text, len(c.token_ids)
-                        if c.finish_reason is not None:
-                            done.add(c.index)
                     if choices:
                         chunk = P.ChatCompletionChunk(id=resp_id, created=created, model=served_model_name, choices=choices)
                         yield _sse(chunk.model_dump(exclude=excl))
