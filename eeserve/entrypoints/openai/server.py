@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -135,6 +135,49 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
 
 def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse_events(engine: AsyncLLMEngine, rids: list[str], streams: list[AsyncIterator[RequestOutput]],
+                      trackers: list[RequestTracker], prompt_lens: list[int], include_usage: bool,
+                      make_choice: Callable[[int, CompletionOutput, int, int], Any],
+                      make_chunk: Callable[[list, P.UsageInfo | None], Any], first: Any = None) -> AsyncIterator[str]:
+    """The server-sent events of one streamed request (completions or chat).
+
+    Args:
+        make_choice: (prompt index, output, chars already sent, tokens already sent) -> a choice
+            holding only what is new.
+        make_chunk: (choices, usage or None) -> the response chunk model.
+        first: a chunk sent before any output (chat's role chunk).
+
+    Every chunk is ``data: <json>``; the stream ends with a usage chunk (when asked) and
+    ``data: [DONE]``. Engine errors become an OpenAI error object. The requests are aborted when
+    the stream ends for any reason (a client that disconnects included), so their blocks are freed.
+    """
+    excl = None if include_usage else {"usage"}
+    deltas = _Deltas()
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    try:
+        if first is not None:
+            yield _sse(first.model_dump(exclude=excl))
+        async for i, out in _merge(streams):
+            trackers[i].observe(out)
+            finals[i] = out
+            choices = []
+            for c in out.outputs:
+                step = deltas.advance((i, c.index), c)
+                if step is not None:
+                    choices.append(make_choice(i, c, *step))
+            if choices:
+                yield _sse(make_chunk(choices, None).model_dump(exclude=excl))
+        if include_usage:
+            yield _sse(make_chunk([], _usage(prompt_lens, finals)).model_dump())
+        yield _sse("[DONE]")
+    except (ValueError, RuntimeError) as e:
+        yield _sse(APIError(500, str(e), type="server_error").body())
+        yield _sse("[DONE]")
+    finally:
+        for rid in rids:
+            engine.abort_nowait(rid)
 
 
 # ---- the app --------------------------------------------------------------------------------
@@ -416,42 +459,19 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
 
-        async def events() -> AsyncIterator[str]:
-            deltas = _Deltas()
-            finals: list[RequestOutput | None] = [None] * len(streams)
-            try:
-                async for i, out in _merge(streams):
-                    trackers[i].observe(out)
-                    finals[i] = out
-                    choices = []
-                    for c in out.outputs:
-                        step = deltas.advance((i, c.index), c)
-                        if step is None:
-                            continue
-                        old_chars, old_n = step
-                        choices.append(P.CompletionChoice(
-                            index=i * params.n + c.index, text=c.text[old_chars:], finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason, exit_layers=c.exit_layers[old_n:],
-                            logprobs=(_completion_logprobs(c, old_n, old_chars, n_top)
-                                      if params.logprobs is not None else None),
-                        ))
-                    if choices:
-                        chunk = P.CompletionResponse(id=resp_id, created=created, model=served_model_name,
-                                                     choices=choices, usage=None)
-                        yield _sse(chunk.model_dump(exclude=None if include_usage else {"usage"}))
-                if include_usage:
-                    chunk = P.CompletionResponse(id=resp_id, created=created, model=served_model_name,
-                                                 choices=[], usage=_usage(lens, finals))
-                    yield _sse(chunk.model_dump())
-                yield _sse("[DONE]")
-            except (ValueError, RuntimeError) as e:
-                yield _sse(APIError(500, str(e), type="server_error").body())
-                yield _sse("[DONE]")
-            finally:
-                for rid in rids:
-                    engine.abort_nowait(rid)
+        def choice(i: int, c: CompletionOutput, old_chars: int, old_n: int) -> P.CompletionChoice:
+            return P.CompletionChoice(
+                index=i * params.n + c.index, text=c.text[old_chars:], finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason, exit_layers=c.exit_layers[old_n:],
+                logprobs=_completion_logprobs(c, old_n, old_chars, n_top) if params.logprobs is not None else None,
+            )
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        def chunk(choices: list, usage: P.UsageInfo | None) -> P.CompletionResponse:
+            return P.CompletionResponse(id=resp_id, created=created, model=served_model_name, choices=choices,
+                                        usage=usage)
+
+        events = _sse_events(engine, rids, streams, trackers, lens, include_usage, choice, chunk)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
@@ -482,49 +502,26 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                                             usage=_usage([len(ids)], finals)).model_dump()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
-        excl = None if include_usage else {"usage"}
 
-        async def events() -> AsyncIterator[str]:
-            final: RequestOutput | None = None
-            try:
-                first = P.ChatCompletionChunk(
-                    id=resp_id, created=created, model=served_model_name,
-                    choices=[P.ChatStreamChoice(index=j, delta=P.DeltaMessage(role="assistant", content=""))
-                             for j in range(params.n)],
-                )
-                yield _sse(first.model_dump(exclude=excl, exclude_none=False))
-                deltas = _Deltas()
-                async for _, out in _merge(streams):
-                    trackers[0].observe(out)
-                    final = out
-                    choices = []
-                    for c in out.outputs:
-                        step = deltas.advance((0, c.index), c)
-                        if step is None:
-                            continue
-                        old_chars, old_n = step
-                        choices.append(P.ChatStreamChoice(
-                            index=c.index, delta=P.DeltaMessage(content=c.text[old_chars:]),
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                            exit_layers=c.exit_layers[old_n:],
-                            logprobs=_chat_logprobs(c, old_n, n_top) if params.logprobs is not None else None,
-                        ))
-                    if choices:
-                        chunk = P.ChatCompletionChunk(id=resp_id, created=created, model=served_model_name, choices=choices)
-                        yield _sse(chunk.model_dump(exclude=excl))
-                if include_usage:
-                    chunk = P.ChatCompletionChunk(id=resp_id, created=created, model=served_model_name,
-                                                  choices=[], usage=_usage([len(ids)], [final]))
-                    yield _sse(chunk.model_dump())
-                yield _sse("[DONE]")
-            except (ValueError, RuntimeError) as e:
-                yield _sse(APIError(500, str(e), type="server_error").body())
-                yield _sse("[DONE]")
-            finally:
-                for rid in rids:
-                    engine.abort_nowait(rid)
+        first = P.ChatCompletionChunk(
+            id=resp_id, created=created, model=served_model_name,
+            choices=[P.ChatStreamChoice(index=j, delta=P.DeltaMessage(role="assistant", content=""))
+                     for j in range(params.n)],
+        )
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        def choice(i: int, c: CompletionOutput, old_chars: int, old_n: int) -> P.ChatStreamChoice:
+            return P.ChatStreamChoice(
+                index=c.index, delta=P.DeltaMessage(content=c.text[old_chars:]), finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason, exit_layers=c.exit_layers[old_n:],
+                logprobs=_chat_logprobs(c, old_n, n_top) if params.logprobs is not None else None,
+            )
+
+        def chunk(choices: list, usage: P.UsageInfo | None) -> P.ChatCompletionChunk:
+            return P.ChatCompletionChunk(id=resp_id, created=created, model=served_model_name, choices=choices,
+                                         usage=usage)
+
+        events = _sse_events(engine, rids, streams, trackers, [len(ids)], include_usage, choice, chunk, first)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     return app
 
