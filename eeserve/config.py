@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 ExitPolicy = Literal["none", "batch", "token"]
-ExitHeadType = Literal["shared", "adapter", "untied"]
+ExitHeadType = Literal["shared", "adapter", "mlp", "untied"]
 ConfidenceMeasure = Literal["softmax", "margin", "entropy", "saturation", "classifier"]
 KVFill = Literal["propagate", "recompute"]
 
 EXIT_POLICIES = ("none", "batch", "token")
-EXIT_HEAD_TYPES = ("shared", "adapter", "untied")
+EXIT_HEAD_TYPES = ("shared", "adapter", "mlp", "untied")
 CONFIDENCE_MEASURES = ("softmax", "margin", "entropy", "saturation", "classifier")
 KV_FILLS = ("propagate", "recompute")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -121,7 +121,7 @@ class EarlyExitConfig:
         exit_policy: ``none`` (all layers), ``batch`` (decode rows leave together when all are
             confident), ``token`` (each row leaves on its own; the batch is compacted).
         exit_layers: exit points as layer counts, each in 1..L-1, increasing.
-        exit_head: ``shared`` (final norm + LM head), ``adapter`` or ``untied`` (need exit_heads).
+        exit_head: ``shared`` (final norm + LM head), ``adapter``, ``mlp`` or ``untied`` (need exit_heads).
         confidence: ``softmax``, ``margin``, ``entropy``, ``saturation`` or ``classifier``.
         threshold: one global threshold, or one per exit layer. For ``entropy`` a token exits when
             entropy (nats) <= threshold; for the others when confidence >= threshold.

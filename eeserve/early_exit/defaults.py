@@ -22,11 +22,13 @@ def shipped_heads(model: str) -> Path | None:
 
 
 def config_from_heads_dir(path: Path) -> dict[str, Any]:
-    """EarlyExitConfig fields stored in a heads folder's exit_config.json (``serving`` part)."""
+    """EarlyExitConfig fields stored in a heads folder's exit_config.json: its exit layers, or the
+    subset its ``serving`` part names (calibration keeps only the exits it uses), and the serving
+    settings."""
     cfg = json.loads((Path(path) / "exit_config.json").read_text())
     fields = {"exit_layers": tuple(cfg["exit_layers"]), "exit_head": cfg["head_type"], "exit_heads": str(path)}
     serving = cfg.get("serving", {})
-    for k in ("exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k"):
+    for k in ("exit_layers", "exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k"):
         if k in serving:
             v = serving[k]
             fields[k] = tuple(v) if isinstance(v, list) else v

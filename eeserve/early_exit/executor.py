@@ -194,10 +194,10 @@ class ExitExecutor:
             if k > 0 and all(g.top_ids is not None for g in groups):
                 ids = torch.stack([g.top_ids for g in groups])  # [N, K]
                 logits = head.logits(self.model, hc, ids)
-                cost = 2.0 * H * k
+                cost = 2.0 * H * k + head.transform_flops(H)
             else:
                 logits = full = head.logits(self.model, hc)
-                cost = self.full_head_flops
+                cost = self.full_head_flops + head.transform_flops(H)
                 if k > 0:
                     top = full.topk(k, dim=-1).indices
                     for g, t in zip(groups, top):
@@ -207,7 +207,7 @@ class ExitExecutor:
         if measure == "saturation":
             prev = torch.stack([g.prev_hidden for g in groups])
             return saturation(hc, prev), None, 6.0 * H
-        return head.classifier_prob(hc), None, 2.0 * H  # classifier
+        return head.classifier_prob(hc), None, head.classifier_flops(H)  # classifier
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -323,11 +323,12 @@ class ExitExecutor:
             for g, row in zip(exiting, full[idx]):
                 step_logits.add_ready(g.request_id, row)
         else:
-            stats.head_flops += self.full_head_flops * len(exiting)
+            head_cost = self.full_head_flops + head.transform_flops(self.model.args.hidden_size)
+            stats.head_flops += head_cost * len(exiting)
             weight = head.head_matrix(self.model)
             for g, x in zip(exiting, head.normed(self.model, h_exit)):
                 step_logits.add_normed(g.request_id, x, weight)
-                g.spent += self.full_head_flops
+                g.spent += head_cost
         positions = torch.tensor([g.positions[-1] for g in exiting], device=h.device)
         slots = torch.tensor([g.slots[-1] for g in exiting], device=h.device)
         if self.filler is not None:

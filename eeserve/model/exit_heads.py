@@ -6,13 +6,20 @@ Head types (DESIGN.md section 2):
 - ``adapter``: a learned residual map ``h + W·RMSNorm_a(h) + b`` in front of the shared head
   (a "tuned lens", Belrose et al. 2023, arXiv 2303.08112); zero-initialised, so it starts as the
   shared head.
+- ``mlp``: a learned residual SwiGLU block ``h + W_down(silu(W_g x) * W_u x)``, ``x =
+  RMSNorm_a(h)``, hidden size ``head_hidden``, in front of the shared head (EE-Tuning's "MLP"
+  exit architecture, Pan et al. 2024, arXiv 2402.00518, section 2.1); ``W_down`` starts at zero,
+  so it too starts as the shared head.
 - ``untied``: a per-exit RMSNorm and LM head (EE-LLM's untied exits).
-Any head may carry a ``classifier``: a linear probe on ``h / rms(h)`` whose sigmoid estimates
-P(this exit's top-1 == the final layer's top-1) (CALM's learned early-exit classifier).
+Any head may carry a ``classifier`` whose sigmoid estimates P(this exit's top-1 == the final
+layer's top-1) from ``h / rms(h)`` (CALM's learned early-exit classifier, Schuster et al. 2022,
+arXiv 2207.07061, section 3.5): a linear probe (``classifier_hidden`` 0) or a one-hidden-layer
+GELU MLP.
 
 On disk (a folder): ``exit_heads.safetensors`` with tensors ``exits.<e>.<name>`` and
-``exit_config.json`` with ``exit_layers``, ``head_type``, ``has_classifier``, ``base_model``
-(``loader.model_identity``) and an optional ``serving`` part (policy, confidence, thresholds).
+``exit_config.json`` with ``exit_layers``, ``head_type``, ``head_hidden``, ``has_classifier``,
+``classifier_hidden``, ``base_model`` (``loader.model_identity``) and an optional ``serving`` part
+(policy, confidence, thresholds).
 """
 
 from __future__ import annotations
@@ -22,36 +29,62 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from eeserve.config import EXIT_HEAD_TYPES as HEAD_TYPES
 from eeserve.model.llama import LlamaModel, rms_norm
 
 FORMAT_VERSION = 1
 
 
 class ExitHead(nn.Module):
-    """One exit point's head. ``transform`` maps h to the input of the final norm (shared and
-    adapter); untied heads own their norm and LM head."""
+    """One exit point's head. Shared, adapter and mlp heads map h to the input of the model's final
+    norm and LM head; untied heads own their norm and LM head.
+
+    Args:
+        head_type: one of ``HEAD_TYPES``.
+        head_hidden: hidden size of an ``mlp`` head (ignored otherwise).
+        classifier: give the head a classifier confidence probe.
+        classifier_hidden: 0 for a linear probe, else the hidden size of an MLP probe.
+
+    Raises:
+        ValueError: an unknown head type or a non-positive ``head_hidden`` for ``mlp``.
+    """
 
     def __init__(self, head_type: str, hidden_size: int, vocab_size: int, eps: float, classifier: bool,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, head_hidden: int = 0, classifier_hidden: int = 0) -> None:
         super().__init__()
         self.head_type = head_type
         self.eps = eps
         h = hidden_size
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
         if head_type == "adapter":
             self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
             self.proj = nn.Linear(h, h, bias=True, dtype=dtype)
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
+        elif head_type == "mlp":
+            if head_hidden <= 0:
+                raise ValueError(f"head_hidden must be a positive size for an mlp head, got {head_hidden}")
+            self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
+            self.gate_up = nn.Linear(h, 2 * head_hidden, bias=False, dtype=dtype)
+            nn.init.normal_(self.gate_up.weight, std=h**-0.5)
+            self.down = nn.Linear(head_hidden, h, bias=False, dtype=dtype)
+            nn.init.zeros_(self.down.weight)
         elif head_type == "untied":
             self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
             self.lm_head_t = nn.Parameter(torch.empty(h, vocab_size, dtype=dtype))
-        elif head_type != "shared":
-            raise ValueError(f"head_type must be shared, adapter or untied, got {head_type!r}")
-        self.classifier = nn.Linear(h, 1, dtype=dtype) if classifier else None
-        if self.classifier is not None:
+        self.head_hidden = head_hidden if head_type == "mlp" else 0
+        self.classifier_hidden = classifier_hidden if classifier else 0
+        self.classifier: nn.Module | None = None
+        if classifier and classifier_hidden > 0:
+            self.classifier = nn.Sequential(nn.Linear(h, classifier_hidden, dtype=dtype), nn.GELU(),
+                                            nn.Linear(classifier_hidden, 1, dtype=dtype))
+        elif classifier:
+            self.classifier = nn.Linear(h, 1, dtype=dtype)
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
 
@@ -61,7 +94,23 @@ class ExitHead(nn.Module):
             return rms_norm(h, self.norm, self.eps)
         if self.head_type == "adapter":
             h = h + self.proj(rms_norm(h, self.norm, self.eps))
+        elif self.head_type == "mlp":
+            gate, up = self.gate_up(rms_norm(h, self.norm, self.eps)).chunk(2, dim=-1)
+            h = h + self.down(F.silu(gate) * up)
         return model.final_norm(h)
+
+    def transform_flops(self, hidden_size: int) -> float:
+        """FLOPs per token of the map in front of the LM head (0 for shared and untied heads)."""
+        if self.head_type == "adapter":
+            return 2.0 * hidden_size * hidden_size
+        if self.head_type == "mlp":
+            return 6.0 * hidden_size * self.head_hidden
+        return 0.0
+
+    def classifier_flops(self, hidden_size: int) -> float:
+        """FLOPs per token of one classifier check."""
+        c = self.classifier_hidden
+        return 2.0 * hidden_size * c + 2.0 * c if c else 2.0 * hidden_size
 
     def head_matrix(self, model: LlamaModel) -> torch.Tensor:
         """[H, V] LM head used by this exit."""
@@ -84,8 +133,13 @@ class ExitHead(nn.Module):
         """
         if self.classifier is None:
             raise ValueError("confidence 'classifier' needs exit heads trained with a classifier (eeserve tune)")
+        return torch.sigmoid(self.classifier_logit(h).float())
+
+    def classifier_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N] classifier logit (before the sigmoid), in the classifier's dtype."""
         x = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return torch.sigmoid(self.classifier(x.to(self.classifier.weight.dtype)).squeeze(-1).float())
+        dtype = next(self.classifier.parameters()).dtype
+        return self.classifier(x.to(dtype)).squeeze(-1)
 
 
 class ExitHeads(nn.Module):
@@ -93,19 +147,25 @@ class ExitHeads(nn.Module):
 
     Args:
         exit_layers: exit points (layer counts).
-        head_type: ``shared``, ``adapter`` or ``untied``.
+        head_type: one of ``HEAD_TYPES``.
         model: the backbone (shapes; and initial values of untied heads: copies of the final head).
         classifier: give every exit a classifier probe.
+        head_hidden: hidden size of ``mlp`` heads.
+        classifier_hidden: 0 for linear classifier probes, else their MLP hidden size.
     """
 
-    def __init__(self, exit_layers: tuple[int, ...], head_type: str, model: LlamaModel, classifier: bool = False) -> None:
+    def __init__(self, exit_layers: tuple[int, ...], head_type: str, model: LlamaModel, classifier: bool = False,
+                 head_hidden: int = 0, classifier_hidden: int = 0) -> None:
         super().__init__()
         a = model.args
         self.exit_layers = tuple(exit_layers)
         self.head_type = head_type
         self.has_classifier = classifier
+        self.head_hidden = head_hidden if head_type == "mlp" else 0
+        self.classifier_hidden = classifier_hidden if classifier else 0
         self.heads = nn.ModuleDict(
-            {str(e): ExitHead(head_type, a.hidden_size, a.vocab_size, a.rms_norm_eps, classifier, model.dtype)
+            {str(e): ExitHead(head_type, a.hidden_size, a.vocab_size, a.rms_norm_eps, classifier, model.dtype,
+                              head_hidden, classifier_hidden)
              for e in self.exit_layers}
         )
         if head_type == "untied":
@@ -130,7 +190,9 @@ class ExitHeads(nn.Module):
             "format_version": FORMAT_VERSION,
             "exit_layers": list(self.exit_layers),
             "head_type": self.head_type,
+            "head_hidden": self.head_hidden,
             "has_classifier": self.has_classifier,
+            "classifier_hidden": self.classifier_hidden,
             "base_model": base_model,
             "serving": serving or {},
             **(extra or {}),
@@ -167,7 +229,12 @@ class ExitHeads(nn.Module):
         missing = [e for e in wanted if e not in available]
         if missing:
             raise ValueError(f"exit_layers {missing} have no trained head in {str(folder)!r}; available: {list(available)}")
-        heads = cls(wanted, cfg["head_type"], model, bool(cfg.get("has_classifier", False)))
+        head_type = cfg.get("head_type")
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"exit heads in {str(folder)!r}: head_type must be one of {', '.join(HEAD_TYPES)}, "
+                             f"got {head_type!r}")
+        heads = cls(wanted, head_type, model, bool(cfg.get("has_classifier", False)),
+                    int(cfg.get("head_hidden", 0)), int(cfg.get("classifier_hidden", 0)))
         if cfg["head_type"] != "shared" or heads.has_classifier:
             if not st_path.is_file():
                 raise FileNotFoundError(f"exit heads folder {str(folder)!r} has no exit_heads.safetensors")

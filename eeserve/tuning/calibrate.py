@@ -202,17 +202,27 @@ def choose_thresholds(conf: torch.Tensor, correct: torch.Tensor, exit_layers: Se
 
 
 def expected_flops(outcome: Outcome, thresholds: Sequence[float], exit_layers: Sequence[int], args,
-                   measure: str) -> float:
+                   measure: str, classifier_flops: float = 0.0) -> float:
     """FLOPs per decode token under the executor's accounting: layers run, a confidence check at
-    every exit point passed (classifier 2H, softmax a full-vocabulary head), and the exit head."""
-    check = 2.0 * args.hidden_size if measure == "classifier" else args.head_flops()
+    every enabled exit point passed (``classifier_flops``, or a full-vocabulary head for softmax),
+    and the output head. Serving keeps only the enabled exits (``enabled_exits``)."""
+    check = classifier_flops if measure == "classifier" else args.head_flops()
     flops = outcome.mean_layers * args.layer_flops() + args.head_flops()
-    first = next((i for i, t in enumerate(thresholds) if t < NEVER), len(thresholds))
-    reach = 1.0  # share of tokens still running at exit i; every exit from min_exit_layer on is scored
-    for i in range(first, len(exit_layers)):
-        flops += reach * check
+    reach = 1.0  # share of tokens still running at exit i
+    for i in range(len(exit_layers)):
+        if thresholds[i] < NEVER:
+            flops += reach * check
         reach -= outcome.exit_share[i]
     return flops
+
+
+def enabled_exits(thresholds: Sequence[float], exit_layers: Sequence[int]) -> tuple[list[int], list[float]]:
+    """The exit points a setting uses and their thresholds (``NEVER`` ones dropped); when none is
+    enabled, the last exit with ``NEVER`` (exits nothing, output equals full depth)."""
+    pairs = [(e, t) for e, t in zip(exit_layers, thresholds) if t < NEVER]
+    if not pairs:
+        pairs = [(exit_layers[-1], NEVER)]
+    return [e for e, _ in pairs], [round(t, 6) for _, t in pairs]
 
 
 def run_calibration(args) -> int:
@@ -242,6 +252,7 @@ def run_calibration(args) -> int:
     if scores.classifier is None:
         measures = [m for m in measures if m != "classifier"] or ["softmax"]
     full_flops = L * margs.layer_flops() + margs.head_flops()
+    clf_flops = heads[exits[0]].classifier_flops(margs.hidden_size)
     internal = args.target_agreement
     attempts = []
     for _ in range(args.max_attempts):
@@ -252,7 +263,7 @@ def run_calibration(args) -> int:
                 thr = choose_thresholds(conf, scores.correct, exits, L, internal, args.delta, per_exit, scores.seq)
                 out = simulate(conf, scores.correct, thr, exits, L)
                 rows.append({"confidence": m, "per_exit": per_exit, "thresholds": thr, "outcome": out,
-                             "flops": expected_flops(out, thr, exits, margs, m)})
+                             "flops": expected_flops(out, thr, exits, margs, m, clf_flops)})
         print(f"calibration target {internal:.3f} (teacher-forced, bound at delta {args.delta}):")
         print("| confidence | thresholds | agreement (teacher-forced) | mean layers | FLOPs vs full |")
         print("|---|---|---|---|---|")
@@ -262,9 +273,9 @@ def run_calibration(args) -> int:
             print(f"| {r['confidence']} {kind} | {thr_s} | {r['outcome'].agreement:.3f} | "
                   f"{r['outcome'].mean_layers:.2f} | {r['flops'] / full_flops:.2f} |")
         best = min(rows, key=lambda r: r["flops"])
-        serving = {"exit_policy": "token", "confidence": best["confidence"],
-                   "threshold": [round(t, 6) for t in best["thresholds"]], "kv_fill": "propagate",
-                   "min_exit_layer": next((e for e, t in zip(exits, best["thresholds"]) if t < NEVER), exits[-1])}
+        used, used_thr = enabled_exits(best["thresholds"], exits)
+        serving = {"exit_layers": used, "exit_policy": "token", "confidence": best["confidence"],
+                   "threshold": used_thr, "kv_fill": args.kv_fill, "min_exit_layer": used[0]}
         result = {"target_agreement": args.target_agreement, "calibration_target": round(internal, 4),
                   "delta": args.delta, "calib_tokens": int(scores.correct.shape[0]),
                   "teacher_forced_agreement": round(best["outcome"].agreement, 4),
@@ -328,7 +339,8 @@ def verify(args, folder: Path, serving: dict, full_llm) -> dict:
     outs = [list(o.outputs[0].token_ids) for o in ee_out]
     if args.cache:  # the full-depth answers to test prompts are eval-exits' held-out text
         data.save_answers(Path(args.cache) / f"answers_test{len(ids)}_{args.max_tokens}.jsonl", prompts, ids,
-                          [list(o.outputs[0].token_ids) for o in full_out], args.max_tokens)
+                          [list(o.outputs[0].token_ids) for o in full_out],
+                          {"max_tokens": args.max_tokens, "samples": 0, "temperature": 0.8, "seed": 0})
     layers = [e for o in ee_out for e in o.outputs[0].exit_layers]
     n_full = sum(len(o.outputs[0].token_ids) for o in full_out)
     agreement = token_agreement(full_llm.engine.model, ids, outs)

@@ -11,7 +11,7 @@ import torch
 from eeserve.config import DTYPES
 from eeserve.entrypoints.cli_args import _int_list
 
-DEFAULT_EXITS = (16, 20, 22, 24, 26, 27, 28, 29)
+DEFAULT_EXITS = (4, 6, 8, 12, 16, 20, 24, 26, 28, 29)
 
 
 def add_commands(sub) -> None:
@@ -19,18 +19,27 @@ def add_commands(sub) -> None:
     t = sub.add_parser("tune", help="train exit heads (+ classifier) by distillation, backbone frozen")
     t.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder")
     t.add_argument("--exit-layers", type=_int_list, default=DEFAULT_EXITS, help="e.g. 16,20,24,28")
-    t.add_argument("--head", choices=("adapter", "untied"), default="adapter", help="head type (default adapter)")
+    t.add_argument("--head", choices=("adapter", "mlp", "untied"), default="mlp", help="head type (default mlp)")
+    t.add_argument("--head-hidden", type=_positive, default=256, help="hidden size of mlp heads (default 256)")
     t.add_argument("--no-classifier", action="store_true", help="train no classifier confidence head")
+    t.add_argument("--classifier-hidden", type=_non_negative, default=64,
+                   help="hidden size of the classifier MLP; 0 for a linear probe (default 64)")
+    t.add_argument("--classifier-rows", type=_positive, default=20000,
+                   help="training rows labelled for the classifiers (default 20000)")
+    t.add_argument("--classifier-steps", type=_positive, default=400, help="classifier steps per exit (default 400)")
     t.add_argument("--data", nargs="+", default=["builtin"],
                    help="text (.txt) or JSONL files, or builtin / builtin:pydoc / builtin:answers (default builtin)")
     t.add_argument("--out", required=True, help="output folder (heads, config, loss curve, checkpoint)")
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch-rows", type=int, default=512, help="tokens per step")
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--ce-weight", type=float, default=0.0, help="weight of CE to the final layer's argmax")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--ce-weight", type=float, default=0.5, help="weight of CE to the final layer's argmax")
     t.add_argument("--window", type=int, default=128, help="tokens per training sequence")
-    t.add_argument("--max-train-tokens", type=int, default=12000, help="cap on text tokens (besides answers)")
-    t.add_argument("--answer-tokens", type=int, default=64, help="max tokens of each self-generated answer")
+    t.add_argument("--max-train-tokens", type=int, default=16000, help="cap on text tokens (besides answers)")
+    t.add_argument("--answer-tokens", type=_positive, default=96, help="max tokens of each self-generated answer")
+    t.add_argument("--answer-samples", type=_non_negative, default=3,
+                   help="sampled answers per prompt besides the greedy one (default 3)")
+    t.add_argument("--answer-temperature", type=float, default=0.8, help="temperature of the sampled answers")
     t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of the windows")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -44,6 +53,8 @@ def add_commands(sub) -> None:
     c.add_argument("--delta", type=float, default=0.1, help="error rate of the agreement bound (Learn-then-Test)")
     c.add_argument("--per-exit", action=argparse_bool(), default=True, help="per-exit thresholds (default) or one global")
     c.add_argument("--confidence", choices=("auto", "classifier", "softmax"), default="auto")
+    c.add_argument("--kv-fill", choices=("propagate", "recompute"), default="propagate",
+                   help="KV fill written into the serving settings and used by the generation check")
     c.add_argument("--num-prompts", type=int, default=50, help="held-out prompts for the generation check")
     c.add_argument("--max-tokens", type=int, default=64)
     c.add_argument("--max-attempts", type=int, default=3,
@@ -65,6 +76,30 @@ def add_commands(sub) -> None:
     ev.set_defaults(func=cmd_eval_exits)
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def argparse_bool():
     import argparse
 
@@ -79,7 +114,8 @@ def load_llm(model: str, dtype: str = "float32"):
 
 
 def builtin_windows(llm, sources: list[str], window: int, answer_tokens: int, max_tokens: int, seed: int,
-                    cache_dir: Path | None, prompt_split: str = "train"):
+                    cache_dir: Path | None, prompt_split: str = "train", answer_samples: int = 0,
+                    answer_temperature: float = 0.8):
     """Windows of the requested sources (see ``eeserve.tuning.data``).
 
     Raises:
@@ -98,8 +134,9 @@ def builtin_windows(llm, sources: list[str], window: int, answer_tokens: int, ma
             text_docs.extend(data.pydoc_documents())
         if src in ("builtin", "builtin:answers"):
             prompts = data.load_prompts(prompt_split)
-            cache = cache_dir / f"answers_{prompt_split}_{answer_tokens}.jsonl" if cache_dir else None
-            answer_docs.extend(data.generate_answers(llm, prompts, answer_tokens, cache))
+            cache = cache_dir / f"answers_{prompt_split}.jsonl" if cache_dir else None
+            answer_docs.extend(data.generate_answers(llm, prompts, answer_tokens, cache, answer_samples,
+                                                     answer_temperature, seed))
         if src not in data.BUILTIN_SOURCES:
             text_docs.extend(data.read_documents(src))
     wins = data.tokenize_documents(text_docs, encode, window)
@@ -122,7 +159,10 @@ def cmd_tune(args) -> int:
         if src not in data.BUILTIN_SOURCES and not Path(src).is_file():
             raise FileNotFoundError(f"data file {src!r} does not exist")
     torch.manual_seed(args.seed)
-    wins = builtin_windows(llm, args.data, args.window, args.answer_tokens, args.max_train_tokens, args.seed, out)
+    if not 0.0 < args.answer_temperature <= 2.0:
+        raise ValueError(f"--answer-temperature must be in (0, 2], got {args.answer_temperature}")
+    wins = builtin_windows(llm, args.data, args.window, args.answer_tokens, args.max_train_tokens, args.seed, out,
+                           answer_samples=args.answer_samples, answer_temperature=args.answer_temperature)
     train_w, held_w = data.split_windows(wins, args.heldout, args.seed)
     n_train = sum(w.num_loss_rows for w in train_w)
     print(f"data: {len(train_w)} training windows ({n_train} loss tokens), {len(held_w)} held out; "
@@ -130,16 +170,25 @@ def cmd_tune(args) -> int:
     feats = distill.collect_features(model, train_w, args.exit_layers, progress=True)
     held = distill.collect_features(model, held_w, args.exit_layers, progress=True)
     print(f"features: {time.perf_counter() - t_start:.0f} s so far")
-    heads = ExitHeads(tuple(args.exit_layers), args.head, model, classifier=not args.no_classifier)
+    heads = ExitHeads(tuple(args.exit_layers), args.head, model, classifier=not args.no_classifier,
+                      head_hidden=args.head_hidden, classifier_hidden=args.classifier_hidden)
     cfg = distill.TrainConfig(steps=args.steps, batch_rows=args.batch_rows, lr=args.lr, ce_weight=args.ce_weight,
                               seed=args.seed)
     log = distill.train_heads(model, heads, feats, held, cfg, out / "checkpoint.pt", args.resume, progress=True)
     distill.plot_losses(log, args.exit_layers, out / "loss_curve.png")
+    label_share = None
+    if heads.has_classifier:
+        ccfg = distill.ClassifierConfig(rows=args.classifier_rows, steps=args.classifier_steps, seed=args.seed)
+        label_share = distill.fit_classifiers(model, heads, feats, ccfg, progress=True)
     serving = {"exit_policy": "token", "confidence": "classifier" if heads.has_classifier else "softmax",
                "kv_fill": "propagate", "threshold": 0.9, "min_exit_layer": min(args.exit_layers)}
     extra = {"tuning": {"data": args.data, "steps": args.steps, "batch_rows": args.batch_rows, "lr": args.lr,
                         "ce_weight": args.ce_weight, "window": args.window, "seed": args.seed,
+                        "head_hidden": heads.head_hidden, "classifier_hidden": heads.classifier_hidden,
+                        "answer_tokens": args.answer_tokens, "answer_samples": args.answer_samples,
+                        "answer_temperature": args.answer_temperature,
                         "train_tokens": n_train, "heldout_kl": log.heldout[-1][1] if log.heldout else None,
+                        "train_agreement_at_exits": [round(v, 4) for v in label_share] if label_share else None,
                         "train_seconds": round(log.seconds, 1),
                         "total_seconds": round(time.perf_counter() - t_start, 1)}}
     # fp16 on disk (half the size); ExitHeads.load converts to the model's dtype

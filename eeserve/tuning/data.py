@@ -190,27 +190,39 @@ def limit_tokens(windows: Sequence[Window], max_tokens: int, seed: int) -> list[
     return out
 
 
-def generate_answers(llm, prompts: Sequence[str], max_tokens: int, cache: Path | None = None) -> list[Document]:
-    """The model's own greedy answers (full depth) to chat prompts, as token-id documents whose
-    context is the chat-formatted prompt. Cached as JSONL in ``cache`` when given."""
+def generate_answers(llm, prompts: Sequence[str], max_tokens: int, cache: Path | None = None, samples: int = 0,
+                     temperature: float = 0.8, seed: int = 0) -> list[Document]:
+    """The model's own answers (full depth) to chat prompts, as token-id documents whose context is
+    the chat-formatted prompt: the greedy answer to each prompt, plus ``samples`` answers sampled
+    at ``temperature`` (top_p 0.95, seeded), which cover more of what the model writes. Cached as
+    JSONL in ``cache`` when given (reused only when prompts and settings match)."""
     from eeserve.sampling_params import SamplingParams
 
+    settings = {"max_tokens": max_tokens, "samples": samples, "temperature": temperature, "seed": seed}
+    expected = [p for p in prompts for _ in range(1 + samples)]
     if cache is not None and cache.is_file():
         rows = [json.loads(ln) for ln in cache.read_text().splitlines() if ln.strip()]
-        if [r["prompt"] for r in rows] == list(prompts) and all(r["max_tokens"] == max_tokens for r in rows):
+        if [r["prompt"] for r in rows] == expected and all(r.get("settings") == settings for r in rows):
             return [Document(token_ids=tuple(r["ids"]), num_context_tokens=r["n_ctx"]) for r in rows]
     ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    outs = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=True)
-    return save_answers(cache, prompts, ids, [list(o.outputs[0].token_ids) for o in outs], max_tokens)
+    greedy = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=True)
+    sampled = (llm.generate(ids, SamplingParams(n=samples, temperature=temperature, top_p=0.95, seed=seed,
+                                                max_tokens=max_tokens), use_tqdm=True) if samples else [])
+    outputs = []
+    for k in range(len(prompts)):
+        outputs.append(list(greedy[k].outputs[0].token_ids))
+        outputs.extend(list(c.token_ids) for c in (sampled[k].outputs if samples else []))
+    prompt_ids = [i for i in ids for _ in range(1 + samples)]
+    return save_answers(cache, expected, prompt_ids, outputs, settings)
 
 
 def save_answers(cache: Path | None, prompts: Sequence[str], prompt_ids: Sequence[list[int]],
-                 outputs: Sequence[list[int]], max_tokens: int) -> list[Document]:
-    """Answers as documents; written to ``cache`` (JSONL) when given."""
+                 outputs: Sequence[list[int]], settings: dict) -> list[Document]:
+    """Answers as documents; written to ``cache`` (JSONL, with the generation settings) when given."""
     docs, rows = [], []
     for p, i, gen in zip(prompts, prompt_ids, outputs):
         docs.append(Document(token_ids=tuple(i + gen), num_context_tokens=len(i)))
-        rows.append({"prompt": p, "max_tokens": max_tokens, "ids": i + gen, "n_ctx": len(i)})
+        rows.append({"prompt": p, "settings": settings, "ids": i + gen, "n_ctx": len(i)})
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -9,9 +9,10 @@
    ``KL(teacher || exit)`` (temperature 1) ``+ ce_weight * CE(exit, teacher argmax)``.
    The full vocabulary (V=49152 for the default model) would cost ~10x more per step; the
    teacher's mass outside its top-k of the batch is tiny for a distilled head.
-   The classifier probe (CALM's early-exit classifier, Schuster et al. 2022, arXiv 2207.07061) is
-   trained at the same time with BCE on "argmax(exit) == argmax(teacher)" (on the sub-vocabulary,
-   which holds the teacher's top-1).
+3. ``fit_classifiers``: with the heads trained and frozen, each exit's classifier probe (CALM's
+   early-exit classifier, Schuster et al. 2022, arXiv 2207.07061, section 3.5) is fitted with BCE
+   on exact labels, "argmax of the exit head over the full vocabulary == the teacher's top-1", on
+   a seeded subset of the training rows.
 """
 
 from __future__ import annotations
@@ -146,7 +147,6 @@ class TrainConfig:
         union_k: teacher top-k ids per row that join the step's sub-vocabulary.
         negatives: random ids added to the sub-vocabulary.
         ce_weight: weight of CE to the teacher's argmax.
-        cls_weight: weight of the classifier's BCE.
         eval_every: steps between held-out losses.
         ckpt_every: steps between checkpoints.
         seed: sampling and initialisation seed.
@@ -158,7 +158,6 @@ class TrainConfig:
     union_k: int = 16
     negatives: int = 512
     ce_weight: float = 0.0
-    cls_weight: float = 1.0
     eval_every: int = 50
     ckpt_every: int = 100
     seed: int = 0
@@ -174,12 +173,12 @@ class TrainLog:
 
 
 def distill_loss(model: LlamaModel, heads: ExitHeads, feats: Features, rows: torch.Tensor, vocab: torch.Tensor,
-                 ce_weight: float = 0.0, cls_weight: float = 0.0) -> tuple[torch.Tensor, list[float]]:
+                 ce_weight: float = 0.0) -> tuple[torch.Tensor, list[float]]:
     """Loss of a batch of rows on a sub-vocabulary.
 
     Args:
         rows: [B] int64 rows of ``feats``.
-        vocab: [U] int64 ids (must hold the teacher's top-1 of every row for the classifier label).
+        vocab: [U] int64 ids (must hold the teacher's top-1 of every row when ``ce_weight`` > 0).
 
     Returns:
         (scalar loss to minimise, KL per exit point as floats).
@@ -200,11 +199,6 @@ def distill_loss(model: LlamaModel, heads: ExitHeads, feats: Features, rows: tor
         loss = kl
         if ce_weight:
             loss = loss + ce_weight * F.nll_loss(student, t_top)
-        if cls_weight and head.classifier is not None:
-            label = (student.detach().argmax(-1) == t_top).float()
-            x = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + head.eps)
-            logit = head.classifier(x.to(head.classifier.weight.dtype)).squeeze(-1).float()
-            loss = loss + cls_weight * F.binary_cross_entropy_with_logits(logit, label)
         total = total + loss
         kls.append(float(kl.detach()))
     return total, kls
@@ -243,7 +237,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 def train_heads(model: LlamaModel, heads: ExitHeads, train: Features, heldout: Features | None, cfg: TrainConfig,
                 checkpoint: Path | None = None, resume: bool = False, progress: bool = False,
                 stop_after: int | None = None) -> TrainLog:
-    """Adam on the heads (and classifiers); the backbone stays frozen.
+    """Adam on the heads (not their classifiers: ``fit_classifiers``); the backbone stays frozen.
 
     Args:
         checkpoint: file for periodic checkpoints (heads, optimiser, log, step).
@@ -254,11 +248,15 @@ def train_heads(model: LlamaModel, heads: ExitHeads, train: Features, heldout: F
         the loss history.
     """
     heads.requires_grad_(True)
+    for e in heads.exit_layers:
+        if heads[e].classifier is not None:
+            heads[e].classifier.requires_grad_(False)
     opt = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     log, start = TrainLog(), 0
     if resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
+        _check_checkpoint(state, heads, cfg, checkpoint)
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
@@ -273,7 +271,7 @@ def train_heads(model: LlamaModel, heads: ExitHeads, train: Features, heldout: F
             g["lr"] = _lr_at(step, cfg)
         rows = torch.randint(0, train.num_rows, (min(cfg.batch_rows, train.num_rows),), generator=gen)
         vocab = _sub_vocab(train, rows, cfg.union_k, cfg.negatives, model.args.vocab_size, gen)
-        loss, kls = distill_loss(model, heads, train, rows, vocab, cfg.ce_weight, cfg.cls_weight)
+        loss, kls = distill_loss(model, heads, train, rows, vocab, cfg.ce_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -284,7 +282,8 @@ def train_heads(model: LlamaModel, heads: ExitHeads, train: Features, heldout: F
         if checkpoint is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                        "log": log, "step": step + 1}, checkpoint)
+                        "log": log, "step": step + 1, "exit_layers": list(heads.exit_layers),
+                        "head_type": heads.head_type, "steps": cfg.steps}, checkpoint)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"kl {log.train[-1][1]:.3f}")
@@ -292,6 +291,96 @@ def train_heads(model: LlamaModel, heads: ExitHeads, train: Features, heldout: F
         bar.close()
     heads.requires_grad_(False)
     return log
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Hyper-parameters of ``fit_classifiers``.
+
+    Attributes:
+        rows: training rows labelled (a seeded subset; labels cost one full LM head per row and exit).
+        steps: AdamW steps per exit point.
+        batch_rows: rows per step.
+        lr: learning rate.
+        weight_decay: AdamW weight decay.
+        seed: subset, initialisation and batch seed.
+    """
+
+    rows: int = 20000
+    steps: int = 400
+    batch_rows: int = 2048
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+@torch.no_grad()
+def exit_labels(model: LlamaModel, heads: ExitHeads, feats: Features, rows: torch.Tensor,
+                chunk: int = 1024) -> torch.Tensor:
+    """[len(rows), X] bool: the exit head's top-1 over the full vocabulary equals the teacher's."""
+    out = torch.zeros(rows.numel(), len(feats.exit_layers), dtype=torch.bool)
+    teacher = feats.top_ids[rows, 0]
+    for i, e in enumerate(feats.exit_layers):
+        head = heads[e]
+        for s in range(0, rows.numel(), chunk):
+            h = feats.hidden[rows[s : s + chunk], i].to(model.dtype)
+            out[s : s + chunk, i] = head.logits(model, h).argmax(-1).cpu() == teacher[s : s + chunk].cpu()
+    return out
+
+
+def fit_classifiers(model: LlamaModel, heads: ExitHeads, feats: Features, cfg: ClassifierConfig,
+                    progress: bool = False) -> list[float]:
+    """Fit every exit's classifier probe (BCE, AdamW) on exact labels; the heads stay frozen.
+
+    Returns:
+        per exit point, the share of labelled rows whose exit top-1 equals the teacher's.
+
+    Raises:
+        ValueError: the heads have no classifiers.
+    """
+    if not heads.has_classifier:
+        raise ValueError("these exit heads have no classifier to fit")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = torch.randperm(feats.num_rows, generator=gen)[: cfg.rows]
+    labels = exit_labels(model, heads, feats, rows)
+    bar = _bar(len(feats.exit_layers) * cfg.steps, "classifiers", progress)
+    for i, e in enumerate(feats.exit_layers):
+        clf = heads[e].classifier
+        clf.requires_grad_(True)
+        opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        h = feats.hidden[rows, i].to(model.dtype)
+        y = labels[:, i].float().to(model.device)
+        for _ in range(cfg.steps):
+            idx = torch.randint(0, rows.numel(), (min(cfg.batch_rows, rows.numel()),), generator=gen)
+            loss = F.binary_cross_entropy_with_logits(heads[e].classifier_logit(h[idx]).float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.update(1)
+        clf.requires_grad_(False)
+    if bar is not None:
+        bar.close()
+    return labels.float().mean(0).tolist()
+
+
+def _check_checkpoint(state: dict, heads: ExitHeads, cfg: TrainConfig, path: Path) -> None:
+    """Raises ValueError when a checkpoint was made for other heads than the ones being trained."""
+    fix = f"start afresh without --resume, or delete {path}"
+    if "heads" not in state or "step" not in state:
+        raise ValueError(f"{path} is not an eeserve tune checkpoint; {fix}")
+    theirs = (state.get("exit_layers"), state.get("head_type"))
+    mine = (list(heads.exit_layers), heads.head_type)
+    if theirs[0] is not None and (theirs[0], theirs[1]) != mine:
+        raise ValueError(f"checkpoint {path} holds {theirs[1]} heads at exit layers {theirs[0]}, but this run trains "
+                         f"{mine[1]} heads at exit layers {mine[0]}; {fix}")
+    if state.get("steps", cfg.steps) != cfg.steps:
+        raise ValueError(f"checkpoint {path} was made for --steps {state['steps']}, this run asks for "
+                         f"--steps {cfg.steps} (the learning-rate schedule depends on it); {fix}")
+    mine_keys = set(heads.state_dict())
+    if set(state["heads"]) != mine_keys:
+        raise ValueError(f"checkpoint {path} does not match the heads being trained (classifier on/off or "
+                         f"another head type); {fix}")
 
 
 def plot_losses(log: TrainLog, exit_layers: Sequence[int], path: Path) -> None:
