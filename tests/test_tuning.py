@@ -89,9 +89,10 @@ def test_resume_continues_from_checkpoint(tiny, tmp_path):
                             tmp_path / "ck.pt", resume=True)
 
 
-def test_classifier_fit_on_exact_labels(tiny):
+@pytest.mark.parametrize("vocab", [0, 16])
+def test_classifier_fit_on_exact_labels(tiny, vocab):
     train = distill.collect_features(tiny, _windows(32, 32), (1, 2), top_k=8)
-    heads = ExitHeads((1, 2), "adapter", tiny, classifier=True, classifier_hidden=16)
+    heads = ExitHeads((1, 2), "adapter", tiny, classifier=True, classifier_hidden=16, classifier_vocab=vocab)
     rows = torch.arange(train.num_rows)
     labels = distill.exit_labels(tiny, heads, train, rows)
     # labels by hand: the exit head's full-vocabulary argmax against the teacher's top-1
@@ -101,9 +102,26 @@ def test_classifier_fit_on_exact_labels(tiny):
     share = distill.fit_classifiers(tiny, heads, train, distill.ClassifierConfig(rows=train.num_rows, steps=300,
                                                                                 batch_rows=256, lr=1e-2))
     assert share == pytest.approx(labels.float().mean(0).tolist())
+    if vocab:
+        # candidates: the 16 most frequent teacher top-1 ids (ties aside), counted by hand
+        from collections import Counter
+
+        counts = Counter(train.top_ids[:, 0].tolist())
+        cand = heads[1].candidate_ids.tolist()
+        assert len(set(cand)) == 16 and min(counts[c] for c in cand) >= max(
+            (n for t, n in counts.items() if t not in cand), default=0)
+        # the probe's extra inputs: softmax statistics over the candidates' logits
+        h = train.hidden[:5, 0].float()
+        x = heads[1].classifier_inputs(tiny, h)
+        lg = heads[1].logits(tiny, h, heads[1].candidate_ids.expand(5, -1))
+        p = lg.softmax(-1)
+        assert torch.allclose(x[:, :64], h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-4)
+        assert torch.allclose(x[:, 64], p.max(-1).values, atol=1e-5)
+        assert torch.allclose(x[:, 66], -(p * p.log()).sum(-1) / 5, atol=1e-5)
+        assert torch.allclose(x[:, 68], lg.logsumexp(-1) / 20, atol=1e-5)
     # the fitted probe beats the best constant guess (the base rate) on the rows it was fitted on
     for i, e in enumerate((1, 2)):
-        y, p = labels[:, i].float(), heads[e].classifier_prob(train.hidden[:, i].float()).clamp(1e-6, 1 - 1e-6)
+        y, p = labels[:, i].float(), heads[e].classifier_prob(train.hidden[:, i].float(), tiny).clamp(1e-6, 1 - 1e-6)
         q = y.mean().clamp(1e-6, 1 - 1e-6)
         bce = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
         base = -(q * q.log() + (1 - q) * (1 - q).log())
@@ -116,7 +134,7 @@ def test_classifier_fit_on_exact_labels(tiny):
 def test_save_load_identical(tiny, tmp_path, head_type):
     train = distill.collect_features(tiny, _windows(4), (1, 3), top_k=8)
     heads = ExitHeads((1, 3), head_type, tiny, classifier=True, head_hidden=16,
-                      classifier_hidden=8 if head_type == "mlp" else 0)
+                      classifier_hidden=8 if head_type == "mlp" else 0, classifier_vocab=8 if head_type == "mlp" else 0)
     distill.train_heads(tiny, heads, train, None, distill.TrainConfig(steps=3, batch_rows=32, union_k=8, negatives=8))
     if head_type == "mlp":
         distill.fit_classifiers(tiny, heads, train, distill.ClassifierConfig(rows=64, steps=3, batch_rows=32))
@@ -125,7 +143,7 @@ def test_save_load_identical(tiny, tmp_path, head_type):
     h = torch.randn(5, 64)
     for e in (1, 3):
         assert torch.equal(heads[e].logits(tiny, h), loaded[e].logits(tiny, h))
-        assert torch.equal(heads[e].classifier_prob(h), loaded[e].classifier_prob(h))
+        assert torch.equal(heads[e].classifier_prob(h, tiny), loaded[e].classifier_prob(h, tiny))
     # fp16 storage (what the shipped heads use) loads into the fp32 model within fp16 rounding
     heads.half().save(tmp_path / "half", IDENTITY)
     heads.float()

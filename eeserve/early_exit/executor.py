@@ -207,7 +207,7 @@ class ExitExecutor:
         if measure == "saturation":
             prev = torch.stack([g.prev_hidden for g in groups])
             return saturation(hc, prev), None, 6.0 * H
-        return head.classifier_prob(hc), None, head.classifier_flops(H)  # classifier
+        return head.classifier_prob(hc, self.model), None, head.classifier_flops(H)  # classifier
 
     # ---- the step -------------------------------------------------------------------------
 

@@ -14,11 +14,14 @@ Head types (DESIGN.md section 2):
 Any head may carry a ``classifier`` whose sigmoid estimates P(this exit's top-1 == the final
 layer's top-1) from ``h / rms(h)`` (CALM's learned early-exit classifier, Schuster et al. 2022,
 arXiv 2207.07061, section 3.5): a linear probe (``classifier_hidden`` 0) or a one-hidden-layer
-GELU MLP.
+GELU MLP. With ``classifier_vocab`` K > 0 the probe also sees five statistics of the exit head's
+logits over K candidate ids (the tokens most often predicted by the final layer in the tuning
+data): top-1 and top-2 probability, entropy, max logit and log-sum-exp over the candidates. That
+gives the cheap probe what the softmax response sees, at 2·H·K FLOPs instead of 2·H·V.
 
 On disk (a folder): ``exit_heads.safetensors`` with tensors ``exits.<e>.<name>`` and
 ``exit_config.json`` with ``exit_layers``, ``head_type``, ``head_hidden``, ``has_classifier``,
-``classifier_hidden``, ``base_model`` (``loader.model_identity``) and an optional ``serving`` part
+``classifier_hidden``, ``classifier_vocab``, ``base_model`` (``loader.model_identity``) and an optional ``serving`` part
 (policy, confidence, thresholds).
 """
 
@@ -37,6 +40,7 @@ from eeserve.config import EXIT_HEAD_TYPES as HEAD_TYPES
 from eeserve.model.llama import LlamaModel, rms_norm
 
 FORMAT_VERSION = 1
+NUM_VOCAB_FEATURES = 5  # candidate-logit statistics fed to the classifier
 
 
 class ExitHead(nn.Module):
@@ -48,13 +52,16 @@ class ExitHead(nn.Module):
         head_hidden: hidden size of an ``mlp`` head (ignored otherwise).
         classifier: give the head a classifier confidence probe.
         classifier_hidden: 0 for a linear probe, else the hidden size of an MLP probe.
+        classifier_vocab: 0, or the number K of candidate ids whose logits feed the probe.
 
     Raises:
-        ValueError: an unknown head type or a non-positive ``head_hidden`` for ``mlp``.
+        ValueError: an unknown head type, a non-positive ``head_hidden`` for ``mlp``, or a
+            ``classifier_vocab`` outside {0} and 2..V.
     """
 
     def __init__(self, head_type: str, hidden_size: int, vocab_size: int, eps: float, classifier: bool,
-                 dtype: torch.dtype = torch.float32, head_hidden: int = 0, classifier_hidden: int = 0) -> None:
+                 dtype: torch.dtype = torch.float32, head_hidden: int = 0, classifier_hidden: int = 0,
+                 classifier_vocab: int = 0) -> None:
         super().__init__()
         self.head_type = head_type
         self.eps = eps
@@ -79,12 +86,19 @@ class ExitHead(nn.Module):
             self.lm_head_t = nn.Parameter(torch.empty(h, vocab_size, dtype=dtype))
         self.head_hidden = head_hidden if head_type == "mlp" else 0
         self.classifier_hidden = classifier_hidden if classifier else 0
+        self.classifier_vocab = classifier_vocab if classifier else 0
+        if self.classifier_vocab and not 2 <= self.classifier_vocab <= vocab_size:
+            raise ValueError(f"classifier_vocab must be 0 or in 2..{vocab_size}, got {classifier_vocab}")
+        if self.classifier_vocab:
+            self.register_buffer("candidate_ids", torch.arange(self.classifier_vocab, dtype=torch.long))
+        self._columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W, ids, W[:, ids])
+        d_in = h + (NUM_VOCAB_FEATURES if self.classifier_vocab else 0)
         self.classifier: nn.Module | None = None
         if classifier and classifier_hidden > 0:
-            self.classifier = nn.Sequential(nn.Linear(h, classifier_hidden, dtype=dtype), nn.GELU(),
+            self.classifier = nn.Sequential(nn.Linear(d_in, classifier_hidden, dtype=dtype), nn.GELU(),
                                             nn.Linear(classifier_hidden, 1, dtype=dtype))
         elif classifier:
-            self.classifier = nn.Linear(h, 1, dtype=dtype)
+            self.classifier = nn.Linear(d_in, 1, dtype=dtype)
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
 
@@ -108,9 +122,14 @@ class ExitHead(nn.Module):
         return 0.0
 
     def classifier_flops(self, hidden_size: int) -> float:
-        """FLOPs per token of one classifier check."""
+        """FLOPs per token of one classifier check (with candidate logits: the head's transform and
+        a K-column product too)."""
         c = self.classifier_hidden
-        return 2.0 * hidden_size * c + 2.0 * c if c else 2.0 * hidden_size
+        d_in = hidden_size + (NUM_VOCAB_FEATURES if self.classifier_vocab else 0)
+        flops = 2.0 * d_in * c + 2.0 * c if c else 2.0 * d_in
+        if self.classifier_vocab:
+            flops += self.transform_flops(hidden_size) + 2.0 * hidden_size * self.classifier_vocab
+        return flops
 
     def head_matrix(self, model: LlamaModel) -> torch.Tensor:
         """[H, V] LM head used by this exit."""
@@ -125,7 +144,7 @@ class ExitHead(nn.Module):
         cols = w.t()[ids]  # [N, K, H]
         return torch.bmm(cols, x.unsqueeze(-1)).squeeze(-1).float()  # [N, K]
 
-    def classifier_prob(self, h: torch.Tensor) -> torch.Tensor:
+    def classifier_prob(self, h: torch.Tensor, model: LlamaModel) -> torch.Tensor:
         """[N, H] -> [N] probability that this exit agrees with the final layer.
 
         Raises:
@@ -133,13 +152,34 @@ class ExitHead(nn.Module):
         """
         if self.classifier is None:
             raise ValueError("confidence 'classifier' needs exit heads trained with a classifier (eeserve tune)")
-        return torch.sigmoid(self.classifier_logit(h).float())
+        return torch.sigmoid(self.classifier(self.classifier_inputs(model, h)).squeeze(-1).float())
 
-    def classifier_logit(self, h: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N] classifier logit (before the sigmoid), in the classifier's dtype."""
+    def classifier_inputs(self, model: LlamaModel, h: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, H (+5)] the probe's input, in its dtype: h / rms(h), then (with
+        ``classifier_vocab``) the candidate-logit statistics."""
         x = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        dtype = next(self.classifier.parameters()).dtype
-        return self.classifier(x.to(dtype)).squeeze(-1)
+        if self.classifier_vocab:
+            logits = (self.normed(model, h) @ self._candidate_columns(model)).float()  # [N, K]
+            logp = torch.log_softmax(logits, dim=-1)
+            top2 = logp.exp().topk(2, dim=-1).values
+            ent = -(logp.exp() * logp).sum(-1)
+            stats = torch.stack([top2[:, 0], top2[:, 1], ent / 5.0, logits.max(-1).values / 20.0,
+                                 torch.logsumexp(logits, -1) / 20.0], dim=-1)
+            x = torch.cat([x, stats], dim=-1)
+        return x.to(next(self.classifier.parameters()).dtype)
+
+    def set_candidates(self, ids: torch.Tensor) -> None:
+        """Set the K candidate ids ([K] int64) whose logits feed the probe."""
+        self.candidate_ids.copy_(ids)
+        self._columns = None
+
+    def _candidate_columns(self, model: LlamaModel) -> torch.Tensor:
+        """[H, K] columns of the head matrix for the candidate ids, cached."""
+        w = self.head_matrix(model)
+        c = self._columns
+        if c is None or c[0] is not w or c[1] is not self.candidate_ids or c[2].dtype != w.dtype:
+            self._columns = c = (w, self.candidate_ids, w[:, self.candidate_ids].contiguous())
+        return c[2]
 
 
 class ExitHeads(nn.Module):
@@ -152,10 +192,11 @@ class ExitHeads(nn.Module):
         classifier: give every exit a classifier probe.
         head_hidden: hidden size of ``mlp`` heads.
         classifier_hidden: 0 for linear classifier probes, else their MLP hidden size.
+        classifier_vocab: candidate ids whose logits feed the probes (0: none).
     """
 
     def __init__(self, exit_layers: tuple[int, ...], head_type: str, model: LlamaModel, classifier: bool = False,
-                 head_hidden: int = 0, classifier_hidden: int = 0) -> None:
+                 head_hidden: int = 0, classifier_hidden: int = 0, classifier_vocab: int = 0) -> None:
         super().__init__()
         a = model.args
         self.exit_layers = tuple(exit_layers)
@@ -163,9 +204,10 @@ class ExitHeads(nn.Module):
         self.has_classifier = classifier
         self.head_hidden = head_hidden if head_type == "mlp" else 0
         self.classifier_hidden = classifier_hidden if classifier else 0
+        self.classifier_vocab = classifier_vocab if classifier else 0
         self.heads = nn.ModuleDict(
             {str(e): ExitHead(head_type, a.hidden_size, a.vocab_size, a.rms_norm_eps, classifier, model.dtype,
-                              head_hidden, classifier_hidden)
+                              head_hidden, classifier_hidden, classifier_vocab)
              for e in self.exit_layers}
         )
         if head_type == "untied":
@@ -193,6 +235,7 @@ class ExitHeads(nn.Module):
             "head_hidden": self.head_hidden,
             "has_classifier": self.has_classifier,
             "classifier_hidden": self.classifier_hidden,
+            "classifier_vocab": self.classifier_vocab,
             "base_model": base_model,
             "serving": serving or {},
             **(extra or {}),
@@ -234,7 +277,8 @@ class ExitHeads(nn.Module):
             raise ValueError(f"exit heads in {str(folder)!r}: head_type must be one of {', '.join(HEAD_TYPES)}, "
                              f"got {head_type!r}")
         heads = cls(wanted, head_type, model, bool(cfg.get("has_classifier", False)),
-                    int(cfg.get("head_hidden", 0)), int(cfg.get("classifier_hidden", 0)))
+                    int(cfg.get("head_hidden", 0)), int(cfg.get("classifier_hidden", 0)),
+                    int(cfg.get("classifier_vocab", 0)))
         if cfg["head_type"] != "shared" or heads.has_classifier:
             if not st_path.is_file():
                 raise FileNotFoundError(f"exit heads folder {str(folder)!r} has no exit_heads.safetensors")
@@ -252,6 +296,7 @@ class ExitHeads(nn.Module):
                             f"the loaded model needs {tuple(v.shape)}"
                         )
                 head.load_state_dict({k: state[k].to(v.dtype) for k, v in mine.items()})
+                head._columns = None
         heads.to(model.device)
         heads.requires_grad_(False)
         return heads

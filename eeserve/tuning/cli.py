@@ -24,6 +24,8 @@ def add_commands(sub) -> None:
     t.add_argument("--no-classifier", action="store_true", help="train no classifier confidence head")
     t.add_argument("--classifier-hidden", type=_non_negative, default=64,
                    help="hidden size of the classifier MLP; 0 for a linear probe (default 64)")
+    t.add_argument("--classifier-vocab", type=_non_negative, default=1024,
+                   help="candidate ids whose exit-head logits feed the classifier; 0 for none (default 1024)")
     t.add_argument("--classifier-rows", type=_positive, default=20000,
                    help="training rows labelled for the classifiers (default 20000)")
     t.add_argument("--classifier-steps", type=_positive, default=400, help="classifier steps per exit (default 400)")
@@ -171,7 +173,8 @@ def cmd_tune(args) -> int:
     held = distill.collect_features(model, held_w, args.exit_layers, progress=True)
     print(f"features: {time.perf_counter() - t_start:.0f} s so far")
     heads = ExitHeads(tuple(args.exit_layers), args.head, model, classifier=not args.no_classifier,
-                      head_hidden=args.head_hidden, classifier_hidden=args.classifier_hidden)
+                      head_hidden=args.head_hidden, classifier_hidden=args.classifier_hidden,
+                      classifier_vocab=args.classifier_vocab)
     cfg = distill.TrainConfig(steps=args.steps, batch_rows=args.batch_rows, lr=args.lr, ce_weight=args.ce_weight,
                               seed=args.seed)
     log = distill.train_heads(model, heads, feats, held, cfg, out / "checkpoint.pt", args.resume, progress=True)
@@ -185,6 +188,7 @@ def cmd_tune(args) -> int:
     extra = {"tuning": {"data": args.data, "steps": args.steps, "batch_rows": args.batch_rows, "lr": args.lr,
                         "ce_weight": args.ce_weight, "window": args.window, "seed": args.seed,
                         "head_hidden": heads.head_hidden, "classifier_hidden": heads.classifier_hidden,
+                        "classifier_vocab": heads.classifier_vocab,
                         "answer_tokens": args.answer_tokens, "answer_samples": args.answer_samples,
                         "answer_temperature": args.answer_temperature,
                         "train_tokens": n_train, "heldout_kl": log.heldout[-1][1] if log.heldout else None,

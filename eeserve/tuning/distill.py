@@ -341,6 +341,11 @@ def fit_classifiers(model: LlamaModel, heads: ExitHeads, feats: Features, cfg: C
     if not heads.has_classifier:
         raise ValueError("these exit heads have no classifier to fit")
     gen = torch.Generator().manual_seed(cfg.seed)
+    if heads.classifier_vocab:  # candidates: the final layer's most frequent top-1 ids in the training rows
+        counts = torch.bincount(feats.top_ids[:, 0].cpu(), minlength=model.args.vocab_size)
+        candidates = counts.topk(heads.classifier_vocab).indices.to(model.device)
+        for e in feats.exit_layers:
+            heads[e].set_candidates(candidates)
     rows = torch.randperm(feats.num_rows, generator=gen)[: cfg.rows]
     labels = exit_labels(model, heads, feats, rows)
     bar = _bar(len(feats.exit_layers) * cfg.steps, "classifiers", progress)
@@ -348,11 +353,13 @@ def fit_classifiers(model: LlamaModel, heads: ExitHeads, feats: Features, cfg: C
         clf = heads[e].classifier
         clf.requires_grad_(True)
         opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        h = feats.hidden[rows, i].to(model.dtype)
+        with torch.no_grad():  # the probe's inputs, once (they do not depend on the probe)
+            x = torch.cat([heads[e].classifier_inputs(model, feats.hidden[rows[s : s + 4096], i].to(model.dtype))
+                           for s in range(0, rows.numel(), 4096)])
         y = labels[:, i].float().to(model.device)
         for _ in range(cfg.steps):
             idx = torch.randint(0, rows.numel(), (min(cfg.batch_rows, rows.numel()),), generator=gen)
-            loss = F.binary_cross_entropy_with_logits(heads[e].classifier_logit(h[idx]).float(), y[idx])
+            loss = F.binary_cross_entropy_with_logits(clf(x[idx]).squeeze(-1).float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

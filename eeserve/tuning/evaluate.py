@@ -80,7 +80,7 @@ def score_windows(model: LlamaModel, heads: ExitHeads, windows: Sequence[Window]
             ok.append(lp.argmax(-1) == top)
             kl.append((final.exp() * (final - lp)).sum(-1))
             if heads.has_classifier:
-                cls.append(head.classifier_prob(he))
+                cls.append(head.classifier_prob(he, model))
         out["sm"].append(torch.stack(sm, 1))
         out["ok"].append(torch.stack(ok, 1))
         out["kl"].append(torch.stack(kl, 1))
