@@ -157,6 +157,8 @@ def cmd_tune(args) -> int:
     llm = load_llm(args.model, args.dtype)
     model = llm.engine.model
     distill.check_exit_layers(args.exit_layers, model.args.num_layers)  # before any work
+    if args.classifier_vocab and not 2 <= args.classifier_vocab <= model.args.vocab_size:
+        raise ValueError(f"--classifier-vocab must be 0 or in 2..{model.args.vocab_size}, got {args.classifier_vocab}")
     for src in args.data:
         if src not in data.BUILTIN_SOURCES and not Path(src).is_file():
             raise FileNotFoundError(f"data file {src!r} does not exist")
