@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from eeserve.config import DTYPES
-from eeserve.entrypoints.cli_args import _int_list
+from eeserve.entrypoints.cli_args import _int_at_least, _int_list
 
 DEFAULT_EXITS = (4, 6, 8, 12, 16, 20, 24, 26, 28, 29)
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
 def add_commands(sub) -> None:
@@ -20,15 +21,15 @@ def add_commands(sub) -> None:
     t.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder")
     t.add_argument("--exit-layers", type=_int_list, default=DEFAULT_EXITS, help="e.g. 16,20,24,28")
     t.add_argument("--head", choices=("adapter", "mlp", "untied"), default="mlp", help="head type (default mlp)")
-    t.add_argument("--head-hidden", type=_positive, default=256, help="hidden size of mlp heads (default 256)")
+    t.add_argument("--head-hidden", type=_POSITIVE, default=256, help="hidden size of mlp heads (default 256)")
     t.add_argument("--no-classifier", action="store_true", help="train no classifier confidence head")
-    t.add_argument("--classifier-hidden", type=_non_negative, default=64,
+    t.add_argument("--classifier-hidden", type=_NON_NEGATIVE, default=64,
                    help="hidden size of the classifier MLP; 0 for a linear probe (default 64)")
-    t.add_argument("--classifier-vocab", type=_non_negative, default=1024,
+    t.add_argument("--classifier-vocab", type=_NON_NEGATIVE, default=1024,
                    help="candidate ids whose exit-head logits feed the classifier; 0 for none (default 1024)")
-    t.add_argument("--classifier-rows", type=_positive, default=20000,
+    t.add_argument("--classifier-rows", type=_POSITIVE, default=20000,
                    help="training rows labelled for the classifiers (default 20000)")
-    t.add_argument("--classifier-steps", type=_positive, default=400, help="classifier steps per exit (default 400)")
+    t.add_argument("--classifier-steps", type=_POSITIVE, default=400, help="classifier steps per exit (default 400)")
     t.add_argument("--data", nargs="+", default=["builtin"],
                    help="text (.txt) or JSONL files, or builtin / builtin:pydoc / builtin:answers (default builtin)")
     t.add_argument("--out", required=True, help="output folder (heads, config, loss curve, checkpoint)")
@@ -38,8 +39,8 @@ def add_commands(sub) -> None:
     t.add_argument("--ce-weight", type=float, default=0.5, help="weight of CE to the final layer's argmax")
     t.add_argument("--window", type=int, default=128, help="tokens per training sequence")
     t.add_argument("--max-train-tokens", type=int, default=16000, help="cap on text tokens (besides answers)")
-    t.add_argument("--answer-tokens", type=_positive, default=96, help="max tokens of each self-generated answer")
-    t.add_argument("--answer-samples", type=_non_negative, default=3,
+    t.add_argument("--answer-tokens", type=_POSITIVE, default=96, help="max tokens of each self-generated answer")
+    t.add_argument("--answer-samples", type=_NON_NEGATIVE, default=3,
                    help="sampled answers per prompt besides the greedy one (default 3)")
     t.add_argument("--answer-temperature", type=float, default=0.8, help="temperature of the sampled answers")
     t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of the windows")
@@ -76,30 +77,6 @@ def add_commands(sub) -> None:
     ev.add_argument("--cache", default=None, help="folder to cache the full-depth answers in")
     ev.add_argument("--pydoc-tokens", type=int, default=2000, help="held-out pydoc tokens")
     ev.set_defaults(func=cmd_eval_exits)
-
-
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def argparse_bool():
