@@ -212,10 +212,13 @@ def test_calibration_per_exit_and_bound():
     out = calibrate.simulate(conf, ok, thr, (2, 3), 4)
     assert out.agreement >= 0.99 and out.mean_layers < 3.1
     assert thr[0] >= 0.7 and thr[1] >= 0.25
-    # the Hoeffding margin makes the choice stricter, never looser
+    # the Clopper-Pearson bound makes the choice stricter, never looser
     thr_b = calibrate.choose_thresholds(conf, ok, (2, 3), 4, target=0.99, delta=0.1, per_exit=True)
     assert calibrate.simulate(conf, ok, thr_b, (2, 3), 4).agreement >= 0.99
-    assert calibrate.hoeffding_margin(2000, 0.1) == pytest.approx((torch.log(torch.tensor(10.0)) / 4000).sqrt().item())
+    # closed forms of the bound: P(Bin(n, u) <= 0) = (1-u)^n and P(Bin(n, u) <= n-1) = 1 - u^n equal delta
+    assert calibrate.binomial_upper(0, 2000, 0.1) == pytest.approx(1 - 0.1 ** (1 / 2000), rel=1e-6)
+    assert calibrate.binomial_upper(19, 20, 0.1) == pytest.approx(0.9 ** (1 / 20), rel=1e-6)
+    assert calibrate.binomial_upper(20, 20, 0.1) == 1.0
 
 
 def test_enabled_exits_and_expected_flops(tiny):
@@ -249,3 +252,31 @@ def test_ece():
     ok = torch.tensor([True, True, False, True])
     # bin 9: acc 1, conf .95 -> .05 * .5; bin 1: acc .5, conf .15 -> .35 * .5
     assert expected_calibration_error(conf, ok) == pytest.approx(0.2)
+
+
+def test_generate_answers_greedy_plus_samples_and_cache(tmp_path):
+    """Greedy answer first, then the samples, per prompt; the cache is reused only for the same settings."""
+    from types import SimpleNamespace
+
+    class FakeLLM:
+        calls = 0
+
+        def apply_chat_template(self, messages):
+            return [ord(c) for c in messages[0]["content"]]
+
+        def generate(self, ids, params, use_tqdm=False):
+            FakeLLM.calls += 1
+            n = params.n if params.temperature > 0 else 1
+            tag = 0 if params.temperature == 0 else 100
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[tag + j, len(p)]) for j in range(n)])
+                    for p in ids]
+
+    llm, cache = FakeLLM(), tmp_path / "a.jsonl"
+    docs = data.generate_answers(llm, ["ab", "c"], 8, cache, samples=2, temperature=0.7, seed=3)
+    assert [d.token_ids for d in docs] == [(97, 98, 0, 2), (97, 98, 100, 2), (97, 98, 101, 2),
+                                           (99, 0, 1), (99, 100, 1), (99, 101, 1)]
+    assert [d.num_context_tokens for d in docs] == [2, 2, 2, 1, 1, 1] and FakeLLM.calls == 2
+    assert data.generate_answers(llm, ["ab", "c"], 8, cache, samples=2, temperature=0.7, seed=3) == docs
+    assert FakeLLM.calls == 2  # served from the cache
+    data.generate_answers(llm, ["ab", "c"], 8, cache, samples=2, temperature=0.7, seed=4)
+    assert FakeLLM.calls == 4  # another seed: generated again

@@ -150,11 +150,6 @@ def binomial_upper(k: int, n: int, delta: float) -> float:
     return hi
 
 
-def hoeffding_margin(n: int, delta: float) -> float:
-    """One-sided Hoeffding deviation for a mean of n values in [0, 1] at error rate delta."""
-    return math.sqrt(math.log(1.0 / delta) / (2.0 * max(1, n)))
-
-
 def fixed_sequence_test(path: Sequence[tuple[float, ...]], conf: torch.Tensor, correct: torch.Tensor,
                         exit_layers: Sequence[int], num_layers: int, target: float,
                         delta: float | None) -> tuple[float, ...]:
@@ -339,8 +334,7 @@ def verify(args, folder: Path, serving: dict, full_llm) -> dict:
     outs = [list(o.outputs[0].token_ids) for o in ee_out]
     if args.cache:  # the full-depth answers to test prompts are eval-exits' held-out text
         data.save_answers(Path(args.cache) / f"answers_test{len(ids)}_{args.max_tokens}.jsonl", prompts, ids,
-                          [list(o.outputs[0].token_ids) for o in full_out],
-                          {"max_tokens": args.max_tokens, "samples": 0, "temperature": 0.8, "seed": 0})
+                          [list(o.outputs[0].token_ids) for o in full_out], data.answer_settings(args.max_tokens))
     layers = [e for o in ee_out for e in o.outputs[0].exit_layers]
     n_full = sum(len(o.outputs[0].token_ids) for o in full_out)
     agreement = token_agreement(full_llm.engine.model, ids, outs)

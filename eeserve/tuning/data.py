@@ -190,6 +190,11 @@ def limit_tokens(windows: Sequence[Window], max_tokens: int, seed: int) -> list[
     return out
 
 
+def answer_settings(max_tokens: int, samples: int = 0, temperature: float = 0.8, seed: int = 0) -> dict:
+    """The generation settings stored with cached answers; a cache is reused only when they match."""
+    return {"max_tokens": max_tokens, "samples": samples, "temperature": temperature, "seed": seed}
+
+
 def generate_answers(llm, prompts: Sequence[str], max_tokens: int, cache: Path | None = None, samples: int = 0,
                      temperature: float = 0.8, seed: int = 0) -> list[Document]:
     """The model's own answers (full depth) to chat prompts, as token-id documents whose context is
@@ -198,7 +203,7 @@ def generate_answers(llm, prompts: Sequence[str], max_tokens: int, cache: Path |
     JSONL in ``cache`` when given (reused only when prompts and settings match)."""
     from eeserve.sampling_params import SamplingParams
 
-    settings = {"max_tokens": max_tokens, "samples": samples, "temperature": temperature, "seed": seed}
+    settings = answer_settings(max_tokens, samples, temperature, seed)
     expected = [p for p in prompts for _ in range(1 + samples)]
     if cache is not None and cache.is_file():
         rows = [json.loads(ln) for ln in cache.read_text().splitlines() if ln.strip()]
