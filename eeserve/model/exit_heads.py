@@ -296,7 +296,6 @@ class ExitHeads(nn.Module):
                             f"the loaded model needs {tuple(v.shape)}"
                         )
                 head.load_state_dict({k: state[k].to(v.dtype) for k, v in mine.items()})
-                head._columns = None
         heads.to(model.device)
         heads.requires_grad_(False)
         return heads

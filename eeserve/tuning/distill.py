@@ -424,4 +424,3 @@ def _bar(total: int, desc: str, on: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, dynamic_ncols=True)
-
