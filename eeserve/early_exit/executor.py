@@ -35,7 +35,7 @@ from eeserve.early_exit.kv_fill import PropagateFiller
 from eeserve.early_exit.policy import exit_decision
 from eeserve.model.attention import SeqAttention, build_attention_metadata
 from eeserve.model.exit_heads import ExitHeads
-from eeserve.model.llama import LlamaModel
+from eeserve.model.llama import LlamaModel, linear
 from eeserve.request import Request
 from eeserve.worker.kv_cache import KVCache
 from eeserve.worker.model_runner import BatchInputs, ForwardResult
@@ -71,7 +71,7 @@ class _StepLogits:
 
     def __init__(self) -> None:
         self.ready: dict[str, torch.Tensor] = {}  # request id -> [V] logits already computed
-        self.todo: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (request id, [H] normed x, [H, V] W)
+        self.todo: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (request id, [H] normed x, [V, H] W)
 
     def add_ready(self, request_id: str, logits: torch.Tensor) -> None:
         self.ready[request_id] = logits
@@ -85,7 +85,7 @@ class _StepLogits:
         for item in self.todo:
             by_matrix.setdefault(id(item[2]), []).append(item)
         for items in by_matrix.values():
-            logits = (torch.stack([x for _, x, _ in items]) @ items[0][2]).float()  # [n, V]
+            logits = linear(torch.stack([x for _, x, _ in items]), items[0][2]).float()  # [n, V]
             for (rid, _, _), row in zip(items, logits):
                 out[rid] = row
         return out
@@ -260,7 +260,7 @@ class ExitExecutor:
                 x = model.final_norm(h[torch.tensor([r for _, r in final], device=h.device)])  # [S', H]
                 stats.head_flops += len(final) * self.full_head_flops
                 for (g, _), row in zip(final, x):
-                    step_logits.add_normed(g.request_id, row, model.lm_head_t)
+                    step_logits.add_normed(g.request_id, row, model.lm_head_w)
                     exit_layer_of[g.request_id] = L
                     g.spent += self.full_head_flops
             for g in groups:
@@ -325,7 +325,7 @@ class ExitExecutor:
         else:
             head_cost = self.full_head_flops + head.transform_flops(self.model.args.hidden_size)
             stats.head_flops += head_cost * len(exiting)
-            weight = head.head_matrix(self.model)
+            weight = head.head_weight(self.model)
             for g, x in zip(exiting, head.normed(self.model, h_exit)):
                 step_logits.add_normed(g.request_id, x, weight)
                 g.spent += head_cost

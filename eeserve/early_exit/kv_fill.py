@@ -4,8 +4,8 @@
 Schuster et al. 2022, section 4): for a token exiting at e with residual hidden h, every skipped
 layer j in e..L-1 gets ``k_j = RoPE(W_k^j · RMSNorm_j(h))``, ``v_j = W_v^j · RMSNorm_j(h)``
 before the step ends. Since ``RMSNorm_j(h) = g_j ⊙ h / rms(h)``, the gains are folded into the
-weights once (``W^j diag(g_j)``) and all skipped layers are filled with one matmul of
-``h / rms(h)`` against the stacked weights (DESIGN.md section 3).
+weights once (``W^j diag(g_j)``) and all skipped layers are filled with one product of
+``h / rms(h)`` with the stacked weights (DESIGN.md section 3).
 
 ``recompute`` (EE-LLM, Chen et al. 2023, arXiv 2312.04916, section 4.2) is deferred: the
 executor marks the positions pending in the KV manager and carries them along the sequence's
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from eeserve.model.llama import LlamaModel, apply_rope
+from eeserve.model.llama import LlamaModel, apply_rope, linear
 from eeserve.worker.kv_cache import KVCache
 
 
@@ -33,16 +33,16 @@ class PropagateFiller:
         self.model = model
         self.num_layers = a.num_layers
         q_dim = a.num_heads * a.head_dim
-        folded = []  # per layer [H, 2 kv_dim] with g_j folded in
+        folded = []  # per layer [2 kv_dim, H] with g_j folded in
         biases = []
         for layer in model.layers:
-            w = layer.qkv_t[:, q_dim:].float()  # [H, 2kv]
-            folded.append(layer.input_norm.float()[:, None] * w)
+            w = layer.qkv_w[q_dim:].float()  # [2kv, H]
+            folded.append(w * layer.input_norm.float()[None, :])
             biases.append(layer.qkv_bias[q_dim:].float() if layer.qkv_bias is not None else None)
         self.weights: dict[int, torch.Tensor] = {}
         self.biases: dict[int, torch.Tensor | None] = {}
         for e in exit_layers:
-            self.weights[e] = torch.cat(folded[e:], dim=1).to(model.dtype).contiguous()  # [H, (L-e)*2kv]
+            self.weights[e] = torch.cat(folded[e:], dim=0).to(model.dtype).contiguous()  # [(L-e)*2kv, H]
             self.biases[e] = torch.cat(biases[e:]).to(model.dtype) if biases[0] is not None else None
 
     def flops(self, exit_layer: int) -> float:
@@ -62,7 +62,7 @@ class PropagateFiller:
         n = h.shape[0]
         hf = h.float()
         x = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + a.rms_norm_eps)).to(h.dtype)  # [N, H]
-        kv = x @ self.weights[e]  # [N, (L-e)*2kv]
+        kv = linear(x, self.weights[e])  # [N, (L-e)*2kv]
         if self.biases[e] is not None:
             kv = kv + self.biases[e]
         kv = kv.view(n, self.num_layers - e, 2, a.num_kv_heads, a.head_dim)

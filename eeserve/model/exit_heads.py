@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eeserve.config import EXIT_HEAD_TYPES as HEAD_TYPES
-from eeserve.model.llama import LlamaModel, rms_norm
+from eeserve.model.llama import LlamaModel, linear, rms_norm
 
 FORMAT_VERSION = 1
 NUM_VOCAB_FEATURES = 5  # candidate-logit statistics fed to the classifier
@@ -91,7 +91,7 @@ class ExitHead(nn.Module):
             raise ValueError(f"classifier_vocab must be 0 or in 2..{vocab_size}, got {classifier_vocab}")
         if self.classifier_vocab:
             self.register_buffer("candidate_ids", torch.arange(self.classifier_vocab, dtype=torch.long))
-        self._columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W, ids, W[:, ids])
+        self._columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W, ids, W[ids])
         d_in = h + (NUM_VOCAB_FEATURES if self.classifier_vocab else 0)
         self.classifier: nn.Module | None = None
         if classifier and classifier_hidden > 0:
@@ -131,17 +131,17 @@ class ExitHead(nn.Module):
             flops += self.transform_flops(hidden_size) + 2.0 * hidden_size * self.classifier_vocab
         return flops
 
-    def head_matrix(self, model: LlamaModel) -> torch.Tensor:
-        """[H, V] LM head used by this exit."""
-        return self.lm_head_t if self.head_type == "untied" else model.lm_head_t
+    def head_weight(self, model: LlamaModel) -> torch.Tensor:
+        """[V, H] LM head used by this exit (``linear``'s layout)."""
+        return self.lm_head_t.t() if self.head_type == "untied" else model.lm_head_w
 
     def logits(self, model: LlamaModel, h: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the full vocabulary ([N, V]) or, with ``ids`` [N, K], of those ids only ([N, K])."""
         x = self.normed(model, h)
-        w = self.head_matrix(model)
+        w = self.head_weight(model)
         if ids is None:
-            return (x @ w).float()
-        cols = w.t()[ids]  # [N, K, H]
+            return linear(x, w).float()
+        cols = w[ids]  # [N, K, H]
         return torch.bmm(cols, x.unsqueeze(-1)).squeeze(-1).float()  # [N, K]
 
     def classifier_prob(self, h: torch.Tensor, model: LlamaModel) -> torch.Tensor:
@@ -159,7 +159,7 @@ class ExitHead(nn.Module):
         ``classifier_vocab``) the candidate-logit statistics."""
         x = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps)
         if self.classifier_vocab:
-            logits = (self.normed(model, h) @ self._candidate_columns(model)).float()  # [N, K]
+            logits = linear(self.normed(model, h), self._candidate_rows(model)).float()  # [N, K]
             logp = torch.log_softmax(logits, dim=-1)
             top2 = logp.exp().topk(2, dim=-1).values
             ent = -(logp.exp() * logp).sum(-1)
@@ -173,12 +173,12 @@ class ExitHead(nn.Module):
         self.candidate_ids.copy_(ids)
         self._columns = None
 
-    def _candidate_columns(self, model: LlamaModel) -> torch.Tensor:
-        """[H, K] columns of the head matrix for the candidate ids, cached."""
-        w = self.head_matrix(model)
+    def _candidate_rows(self, model: LlamaModel) -> torch.Tensor:
+        """[K, H] rows of the head weight for the candidate ids, cached."""
+        w = self.head_weight(model)
         c = self._columns
         if c is None or c[0] is not w or c[1] is not self.candidate_ids or c[2].dtype != w.dtype:
-            self._columns = c = (w, self.candidate_ids, w[:, self.candidate_ids].contiguous())
+            self._columns = c = (w, self.candidate_ids, w[self.candidate_ids].contiguous())
         return c[2]
 
 
@@ -214,7 +214,7 @@ class ExitHeads(nn.Module):
             with torch.no_grad():
                 for head in self.heads.values():
                     head.norm.copy_(model.norm_weight)
-                    head.lm_head_t.copy_(model.lm_head_t)
+                    head.lm_head_t.copy_(model.lm_head_w.t())
 
     def __getitem__(self, exit_layer: int) -> ExitHead:
         return self.heads[str(exit_layer)]

@@ -4,10 +4,10 @@ Architecture: Touvron et al. 2023 (arXiv 2302.13971): pre-RMSNorm blocks, rotary
 embeddings (Su et al. 2021, arXiv 2104.09864), SwiGLU MLP, grouped-query attention (Ainslie et al.
 2023, arXiv 2305.13245). Qwen2 adds q/k/v biases.
 
-Weights are stored pre-transposed (``[in, out]``, contiguous) with q/k/v and gate/up fused:
-on CPUs ``x @ W_t`` at small M streams the weight about twice as fast as ``F.linear``
-(shared/CPU_NOTES.md). The model keeps no per-forward state: metadata and the KV cache are
-arguments of ``run_layers``.
+Weights are stored as ``[out, in]`` (contiguous) with q/k/v and gate/up fused, and every
+product goes through ``linear``, which picks the fast form for the device (on CPUs, ``W @ x^T``
+with a single row padded to two; docs/benchmarks.md). The model keeps no per-forward state:
+metadata and the KV cache are arguments of ``run_layers``.
 """
 
 from __future__ import annotations
@@ -81,6 +81,22 @@ class ModelArgs:
         return 2.0 * self.hidden_size * (self.vocab_size if vocab is None else vocab)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T``: [M, in] x [out, in] -> [M, out], contiguous.
+
+    On CPUs MKL's fp32 product streams a weight of this layout fastest as the left operand,
+    ``weight @ x^T``: measured on the 2-core AVX2 machine (benchmarks/matmul_forms.py) it is 1.5x
+    faster than ``x @ W_t`` (the weight pre-transposed) at one row when that row is padded to
+    two, and 2-4x faster at 2-32 rows; at one row unpadded it takes the slow matrix-vector path.
+    Other devices use ``F.linear``.
+    """
+    if x.device.type != "cpu":
+        return F.linear(x, weight)
+    if x.shape[0] == 1:
+        return (weight @ torch.cat([x, x]).t())[:, :1].t().contiguous()
+    return (weight @ x.t()).t().contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (Zhang & Sennrich 2019) computed in float32 as transformers does. x: [T, H]."""
     dtype = x.dtype
@@ -125,16 +141,16 @@ class DecoderLayer(nn.Module):
         self.args = args
         self.input_norm = nn.Parameter(torch.ones(h, **kw), requires_grad=False)
         self.post_norm = nn.Parameter(torch.ones(h, **kw), requires_grad=False)
-        self.qkv_t = nn.Parameter(torch.empty(h, q_dim + 2 * kv_dim, **kw), requires_grad=False)
+        self.qkv_w = nn.Parameter(torch.empty(q_dim + 2 * kv_dim, h, **kw), requires_grad=False)
         self.qkv_bias = nn.Parameter(torch.zeros(q_dim + 2 * kv_dim, **kw), requires_grad=False) if args.qkv_bias else None
-        self.o_t = nn.Parameter(torch.empty(q_dim, h, **kw), requires_grad=False)
-        self.gate_up_t = nn.Parameter(torch.empty(h, 2 * i, **kw), requires_grad=False)
-        self.down_t = nn.Parameter(torch.empty(i, h, **kw), requires_grad=False)
+        self.o_w = nn.Parameter(torch.empty(h, q_dim, **kw), requires_grad=False)
+        self.gate_up_w = nn.Parameter(torch.empty(2 * i, h, **kw), requires_grad=False)
+        self.down_w = nn.Parameter(torch.empty(h, i, **kw), requires_grad=False)
         self.scale = args.head_dim**-0.5
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] normed input -> [T, q_dim + 2 kv_dim]."""
-        out = x @ self.qkv_t
+        out = linear(x, self.qkv_w)
         if self.qkv_bias is not None:
             out = out + self.qkv_bias
         return out
@@ -160,10 +176,10 @@ class DecoderLayer(nn.Module):
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         attn = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, q_dim]
-        h = h + attn @ self.o_t
-        gate_up = rms_norm(h, self.post_norm, a.rms_norm_eps) @ self.gate_up_t  # [T, 2I]
+        h = h + linear(attn, self.o_w)
+        gate_up = linear(rms_norm(h, self.post_norm, a.rms_norm_eps), self.gate_up_w)  # [T, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return h + (F.silu(gate) * up) @ self.down_t
+        return h + linear(F.silu(gate) * up, self.down_w)
 
 
 class LlamaModel(nn.Module):
@@ -176,7 +192,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, **kw), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(args, dtype, device) for _ in range(args.num_layers))
         self.norm_weight = nn.Parameter(torch.ones(args.hidden_size, **kw), requires_grad=False)
-        self.lm_head_t = nn.Parameter(torch.empty(args.hidden_size, args.vocab_size, **kw), requires_grad=False)
+        self.lm_head_w = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, **kw), requires_grad=False)
         cos, sin = rope_tables(hf_config, args.head_dim, max_len, device)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
@@ -207,19 +223,19 @@ class LlamaModel(nn.Module):
         self.norm_weight.copy_(get("model.norm.weight"))
         tied = a.tie_word_embeddings or "lm_head.weight" not in sd
         head = get("model.embed_tokens.weight") if tied else sd["lm_head.weight"]  # [V, H]
-        self.lm_head_t.copy_(head.t())
+        self.lm_head_w.copy_(head)
         for n, layer in enumerate(self.layers):
             p = f"model.layers.{n}."
             layer.input_norm.copy_(get(p + "input_layernorm.weight"))
             layer.post_norm.copy_(get(p + "post_attention_layernorm.weight"))
             qkv = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"], 0)  # [q+2kv, H]
-            layer.qkv_t.copy_(qkv.t())
+            layer.qkv_w.copy_(qkv)
             if layer.qkv_bias is not None:
                 layer.qkv_bias.copy_(torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"], 0))
-            layer.o_t.copy_(get(p + "self_attn.o_proj.weight").t())
+            layer.o_w.copy_(get(p + "self_attn.o_proj.weight"))
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
-            layer.gate_up_t.copy_(gate_up.t())
-            layer.down_t.copy_(get(p + "mlp.down_proj.weight").t())
+            layer.gate_up_w.copy_(gate_up)
+            layer.down_w.copy_(get(p + "mlp.down_proj.weight"))
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids: [T] int64 -> [T, H]."""
@@ -250,7 +266,7 @@ class LlamaModel(nn.Module):
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H] normed hidden -> [T, V] float32 logits."""
-        return (x @ self.lm_head_t).float()
+        return linear(x, self.lm_head_w).float()
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Shared head: final norm + LM head. [T, H] -> [T, V] float32."""

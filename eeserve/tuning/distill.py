@@ -42,7 +42,7 @@ class Features:
     Attributes:
         exit_layers: the exit points, in the order of ``hidden``'s second axis.
         hidden: [N, X, H] float16 residual stream after e layers, per exit point.
-        final: [N, H] float16 final normed hidden state (teacher logits = final @ lm_head_t).
+        final: [N, H] float16 final normed hidden state (teacher logits = ``model.lm_head(final)``).
         top_ids: [N, k] int64 teacher's top-k ids (full vocabulary), best first.
     """
 
@@ -184,7 +184,7 @@ def distill_loss(model: LlamaModel, heads: ExitHeads, feats: Features, rows: tor
         (scalar loss to minimise, KL per exit point as floats).
     """
     dtype = model.dtype
-    w_t = model.lm_head_t[:, vocab]  # [H, U]
+    w_t = model.lm_head_w[vocab].t()  # [H, U]
     teacher = torch.log_softmax((feats.final[rows].to(dtype) @ w_t).float(), dim=-1)  # [B, U]
     p_t = teacher.exp()
     t_top = teacher.argmax(-1)  # [B]
