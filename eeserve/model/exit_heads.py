@@ -14,14 +14,17 @@ Head types (DESIGN.md section 2):
 Any head may carry a ``classifier`` whose sigmoid estimates P(this exit's top-1 == the final
 layer's top-1) from ``h / rms(h)`` (CALM's learned early-exit classifier, Schuster et al. 2022,
 arXiv 2207.07061, section 3.5): a linear probe (``classifier_hidden`` 0) or a one-hidden-layer
-GELU MLP. With ``classifier_vocab`` K > 0 the probe also sees five statistics of the exit head's
+GELU MLP. With ``classifier_vocab`` K > 0 the probe sees five statistics of the exit head's
 logits over K candidate ids (the tokens most often predicted by the final layer in the tuning
 data): top-1 and top-2 probability, entropy, max logit and log-sum-exp over the candidates. That
 gives the cheap probe what the softmax response sees, at 2·H·K FLOPs instead of 2·H·V.
+``classifier_hidden_state`` says whether it also sees the hidden state (a probe on those five
+statistics alone, fitted on rows the heads were not trained on, ranks tokens as well as the
+full softmax response: docs/exit_heads.md).
 
 On disk (a folder): ``exit_heads.safetensors`` with tensors ``exits.<e>.<name>`` and
 ``exit_config.json`` with ``exit_layers``, ``head_type``, ``head_hidden``, ``has_classifier``,
-``classifier_hidden``, ``classifier_vocab``, ``base_model`` (``loader.model_identity``) and an optional ``serving`` part
+``classifier_hidden``, ``classifier_vocab``, ``classifier_hidden_state``, ``base_model`` (``loader.model_identity``) and an optional ``serving`` part
 (policy, confidence, thresholds).
 """
 
@@ -53,15 +56,17 @@ class ExitHead(nn.Module):
         classifier: give the head a classifier confidence probe.
         classifier_hidden: 0 for a linear probe, else the hidden size of an MLP probe.
         classifier_vocab: 0, or the number K of candidate ids whose logits feed the probe.
+        classifier_hidden_state: the probe also sees ``h / rms(h)`` (without candidate logits it
+            must).
 
     Raises:
-        ValueError: an unknown head type, a non-positive ``head_hidden`` for ``mlp``, or a
-            ``classifier_vocab`` outside {0} and 2..V.
+        ValueError: an unknown head type, a non-positive ``head_hidden`` for ``mlp``, a
+            ``classifier_vocab`` outside {0} and 2..V, or a probe with no inputs.
     """
 
     def __init__(self, head_type: str, hidden_size: int, vocab_size: int, eps: float, classifier: bool,
                  dtype: torch.dtype = torch.float32, head_hidden: int = 0, classifier_hidden: int = 0,
-                 classifier_vocab: int = 0) -> None:
+                 classifier_vocab: int = 0, classifier_hidden_state: bool = True) -> None:
         super().__init__()
         self.head_type = head_type
         self.eps = eps
@@ -89,10 +94,14 @@ class ExitHead(nn.Module):
         self.classifier_vocab = classifier_vocab if classifier else 0
         if self.classifier_vocab and not 2 <= self.classifier_vocab <= vocab_size:
             raise ValueError(f"classifier_vocab must be 0 or in 2..{vocab_size}, got {classifier_vocab}")
+        self.classifier_hidden_state = classifier_hidden_state or not classifier
+        if not (self.classifier_hidden_state or self.classifier_vocab):
+            raise ValueError("a classifier probe without the hidden state needs candidate logits: "
+                             "classifier_vocab must be in 2..V")
         if self.classifier_vocab:
             self.register_buffer("candidate_ids", torch.arange(self.classifier_vocab, dtype=torch.long))
         self._columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W, ids, W[ids])
-        d_in = h + (NUM_VOCAB_FEATURES if self.classifier_vocab else 0)
+        d_in = self.classifier_inputs_size(h)
         self.classifier: nn.Module | None = None
         if classifier and classifier_hidden > 0:
             self.classifier = nn.Sequential(nn.Linear(d_in, classifier_hidden, dtype=dtype), nn.GELU(),
@@ -121,11 +130,15 @@ class ExitHead(nn.Module):
             return 6.0 * hidden_size * self.head_hidden
         return 0.0
 
+    def classifier_inputs_size(self, hidden_size: int) -> int:
+        """Width of the probe's input: H (hidden state) and/or the candidate-logit statistics."""
+        return (hidden_size if self.classifier_hidden_state else 0) + (NUM_VOCAB_FEATURES if self.classifier_vocab else 0)
+
     def classifier_flops(self, hidden_size: int) -> float:
         """FLOPs per token of one classifier check (with candidate logits: the head's transform and
         a K-column product too)."""
         c = self.classifier_hidden
-        d_in = hidden_size + (NUM_VOCAB_FEATURES if self.classifier_vocab else 0)
+        d_in = self.classifier_inputs_size(hidden_size)
         flops = 2.0 * d_in * c + 2.0 * c if c else 2.0 * d_in
         if self.classifier_vocab:
             flops += self.transform_flops(hidden_size) + 2.0 * hidden_size * self.classifier_vocab
@@ -155,9 +168,12 @@ class ExitHead(nn.Module):
         return torch.sigmoid(self.classifier(self.classifier_inputs(model, h)).squeeze(-1).float())
 
     def classifier_inputs(self, model: LlamaModel, h: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, H (+5)] the probe's input, in its dtype: h / rms(h), then (with
-        ``classifier_vocab``) the candidate-logit statistics."""
+        """[N, H] -> [N, D] the probe's input (``classifier_inputs_size``), in its dtype: h / rms(h)
+        (with ``classifier_hidden_state``), then (with ``classifier_vocab``) the candidate-logit
+        statistics."""
         x = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if not self.classifier_hidden_state:
+            x = x[:, :0]
         if self.classifier_vocab:
             logits = linear(self.normed(model, h), self._candidate_rows(model)).float()  # [N, K]
             logp = torch.log_softmax(logits, dim=-1)
@@ -193,10 +209,12 @@ class ExitHeads(nn.Module):
         head_hidden: hidden size of ``mlp`` heads.
         classifier_hidden: 0 for linear classifier probes, else their MLP hidden size.
         classifier_vocab: candidate ids whose logits feed the probes (0: none).
+        classifier_hidden_state: the probes also see the hidden state.
     """
 
     def __init__(self, exit_layers: tuple[int, ...], head_type: str, model: LlamaModel, classifier: bool = False,
-                 head_hidden: int = 0, classifier_hidden: int = 0, classifier_vocab: int = 0) -> None:
+                 head_hidden: int = 0, classifier_hidden: int = 0, classifier_vocab: int = 0,
+                 classifier_hidden_state: bool = True) -> None:
         super().__init__()
         a = model.args
         self.exit_layers = tuple(exit_layers)
@@ -205,9 +223,10 @@ class ExitHeads(nn.Module):
         self.head_hidden = head_hidden if head_type == "mlp" else 0
         self.classifier_hidden = classifier_hidden if classifier else 0
         self.classifier_vocab = classifier_vocab if classifier else 0
+        self.classifier_hidden_state = classifier_hidden_state or not classifier
         self.heads = nn.ModuleDict(
             {str(e): ExitHead(head_type, a.hidden_size, a.vocab_size, a.rms_norm_eps, classifier, model.dtype,
-                              head_hidden, classifier_hidden, classifier_vocab)
+                              head_hidden, classifier_hidden, classifier_vocab, classifier_hidden_state)
              for e in self.exit_layers}
         )
         if head_type == "untied":
@@ -236,6 +255,7 @@ class ExitHeads(nn.Module):
             "has_classifier": self.has_classifier,
             "classifier_hidden": self.classifier_hidden,
             "classifier_vocab": self.classifier_vocab,
+            "classifier_hidden_state": self.classifier_hidden_state,
             "base_model": base_model,
             "serving": serving or {},
             **(extra or {}),
@@ -278,7 +298,7 @@ class ExitHeads(nn.Module):
                              f"got {head_type!r}")
         heads = cls(wanted, head_type, model, bool(cfg.get("has_classifier", False)),
                     int(cfg.get("head_hidden", 0)), int(cfg.get("classifier_hidden", 0)),
-                    int(cfg.get("classifier_vocab", 0)))
+                    int(cfg.get("classifier_vocab", 0)), bool(cfg.get("classifier_hidden_state", True)))
         if cfg["head_type"] != "shared" or heads.has_classifier:
             if not st_path.is_file():
                 raise FileNotFoundError(f"exit heads folder {str(folder)!r} has no exit_heads.safetensors")

@@ -11,7 +11,8 @@ import torch
 from eeserve.config import DTYPES
 from eeserve.entrypoints.cli_args import _int_at_least, _int_list
 
-DEFAULT_EXITS = (4, 6, 8, 12, 16, 20, 24, 26, 28, 29)
+DEFAULT_EXITS = (4, 6, 8, 12, 16)
+CLASSIFIER_FEATURES = ("logits", "hidden", "hidden+logits")
 _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
@@ -21,12 +22,15 @@ def add_commands(sub) -> None:
     t.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder")
     t.add_argument("--exit-layers", type=_int_list, default=DEFAULT_EXITS, help="e.g. 16,20,24,28")
     t.add_argument("--head", choices=("adapter", "mlp", "untied"), default="mlp", help="head type (default mlp)")
-    t.add_argument("--head-hidden", type=_POSITIVE, default=256, help="hidden size of mlp heads (default 256)")
+    t.add_argument("--head-hidden", type=_POSITIVE, default=512, help="hidden size of mlp heads (default 512)")
     t.add_argument("--no-classifier", action="store_true", help="train no classifier confidence head")
-    t.add_argument("--classifier-hidden", type=_NON_NEGATIVE, default=64,
-                   help="hidden size of the classifier MLP; 0 for a linear probe (default 64)")
+    t.add_argument("--classifier-hidden", type=_NON_NEGATIVE, default=0,
+                   help="hidden size of the classifier MLP; 0 for a linear probe (default 0)")
     t.add_argument("--classifier-vocab", type=_NON_NEGATIVE, default=1024,
                    help="candidate ids whose exit-head logits feed the classifier; 0 for none (default 1024)")
+    t.add_argument("--classifier-features", choices=CLASSIFIER_FEATURES, default="logits",
+                   help="the classifier's input: statistics of the candidate logits (default), the hidden "
+                        "state, or both")
     t.add_argument("--classifier-rows", type=_POSITIVE, default=20000,
                    help="training rows labelled for the classifiers (default 20000)")
     t.add_argument("--classifier-steps", type=_POSITIVE, default=400, help="classifier steps per exit (default 400)")
@@ -56,14 +60,14 @@ def add_commands(sub) -> None:
     c.add_argument("--delta", type=float, default=0.1, help="error rate of the agreement bound (Learn-then-Test)")
     c.add_argument("--per-exit", action=argparse_bool(), default=True, help="per-exit thresholds (default) or one global")
     c.add_argument("--confidence", choices=("auto", "classifier", "softmax"), default="auto")
-    c.add_argument("--kv-fill", choices=("propagate", "recompute"), default="propagate",
-                   help="KV fill written into the serving settings and used by the generation check")
-    c.add_argument("--num-prompts", type=int, default=50, help="held-out prompts for the generation check")
-    c.add_argument("--max-tokens", type=int, default=64)
-    c.add_argument("--max-attempts", type=int, default=3,
-                   help="tighten the calibration target by --step while generation falls short (default 3)")
-    c.add_argument("--step", type=float, default=0.01)
-    c.add_argument("--no-verify", action="store_true", help="skip the generation check")
+    c.add_argument("--kv-fill", choices=("propagate", "recompute"), default="recompute",
+                   help="KV fill written into the serving settings and used in generation (default recompute)")
+    c.add_argument("--num-prompts", type=_POSITIVE, default=50, help="test prompts for the final generation check")
+    c.add_argument("--max-tokens", type=_POSITIVE, default=64, help="greedy tokens per answer (default 64)")
+    c.add_argument("--ladder-steps", type=_POSITIVE, default=200,
+                   help="candidate thresholds per exit on the per-exit path (default 200)")
+    c.add_argument("--no-verify", action="store_true",
+                   help="no generation: choose on teacher-forced scores alone (split in halves, bound on one)")
     c.add_argument("--cache", default=None, help="folder to cache the full-depth answers in")
     c.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     c.set_defaults(func=cmd_calibrate)
@@ -136,6 +140,9 @@ def cmd_tune(args) -> int:
     distill.check_exit_layers(args.exit_layers, model.args.num_layers)  # before any work
     if args.classifier_vocab and not 2 <= args.classifier_vocab <= model.args.vocab_size:
         raise ValueError(f"--classifier-vocab must be 0 or in 2..{model.args.vocab_size}, got {args.classifier_vocab}")
+    if "logits" in args.classifier_features and not args.classifier_vocab and not args.no_classifier:
+        raise ValueError(f"--classifier-features {args.classifier_features} needs candidate logits: "
+                         f"--classifier-vocab must be in 2..{model.args.vocab_size}, got 0")
     for src in args.data:
         if src not in data.BUILTIN_SOURCES and not Path(src).is_file():
             raise FileNotFoundError(f"data file {src!r} does not exist")
@@ -153,7 +160,8 @@ def cmd_tune(args) -> int:
     print(f"features: {time.perf_counter() - t_start:.0f} s so far")
     heads = ExitHeads(tuple(args.exit_layers), args.head, model, classifier=not args.no_classifier,
                       head_hidden=args.head_hidden, classifier_hidden=args.classifier_hidden,
-                      classifier_vocab=args.classifier_vocab)
+                      classifier_vocab=args.classifier_vocab if "logits" in args.classifier_features else 0,
+                      classifier_hidden_state="hidden" in args.classifier_features)
     cfg = distill.TrainConfig(steps=args.steps, batch_rows=args.batch_rows, lr=args.lr, ce_weight=args.ce_weight,
                               seed=args.seed)
     log = distill.train_heads(model, heads, feats, held, cfg, out / "checkpoint.pt", args.resume, progress=True)
@@ -161,17 +169,20 @@ def cmd_tune(args) -> int:
     label_share = None
     if heads.has_classifier:
         ccfg = distill.ClassifierConfig(rows=args.classifier_rows, steps=args.classifier_steps, seed=args.seed)
-        label_share = distill.fit_classifiers(model, heads, feats, ccfg, progress=True)
+        distill.choose_candidates(model, heads, feats)
+        # fitted on the held-out rows: on their own training rows the heads look better than they are
+        label_share = distill.fit_classifiers(model, heads, held, ccfg, progress=True)
     serving = {"exit_policy": "token", "confidence": "classifier" if heads.has_classifier else "softmax",
                "kv_fill": "propagate", "threshold": 0.9, "min_exit_layer": min(args.exit_layers)}
     extra = {"tuning": {"data": args.data, "steps": args.steps, "batch_rows": args.batch_rows, "lr": args.lr,
                         "ce_weight": args.ce_weight, "window": args.window, "seed": args.seed,
                         "head_hidden": heads.head_hidden, "classifier_hidden": heads.classifier_hidden,
                         "classifier_vocab": heads.classifier_vocab,
+                        "classifier_features": args.classifier_features,
                         "answer_tokens": args.answer_tokens, "answer_samples": args.answer_samples,
                         "answer_temperature": args.answer_temperature,
                         "train_tokens": n_train, "heldout_kl": log.heldout[-1][1] if log.heldout else None,
-                        "train_agreement_at_exits": [round(v, 4) for v in label_share] if label_share else None,
+                        "heldout_agreement_at_exits": [round(v, 4) for v in label_share] if label_share else None,
                         "train_seconds": round(log.seconds, 1),
                         "total_seconds": round(time.perf_counter() - t_start, 1)}}
     # fp16 on disk (half the size); ExitHeads.load converts to the model's dtype

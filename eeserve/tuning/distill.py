@@ -12,7 +12,7 @@
 3. ``fit_classifiers``: with the heads trained and frozen, each exit's classifier probe (CALM's
    early-exit classifier, Schuster et al. 2022, arXiv 2207.07061, section 3.5) is fitted with BCE
    on exact labels, "argmax of the exit head over the full vocabulary == the teacher's top-1", on
-   a seeded subset of the training rows.
+   rows the heads were not trained on (the held-out windows).
 """
 
 from __future__ import annotations
@@ -328,24 +328,48 @@ def exit_labels(model: LlamaModel, heads: ExitHeads, feats: Features, rows: torc
     return out
 
 
+def choose_candidates(model: LlamaModel, heads: ExitHeads, feats: Features) -> None:
+    """Give every head the ``classifier_vocab`` ids most often predicted by the final layer in
+    ``feats`` as the candidates whose logits feed its probe (no-op without candidate logits)."""
+    if not heads.classifier_vocab:
+        return
+    counts = torch.bincount(feats.top_ids[:, 0].cpu(), minlength=model.args.vocab_size)
+    candidates = counts.topk(heads.classifier_vocab).indices.to(model.device)
+    for e in feats.exit_layers:
+        heads[e].set_candidates(candidates)
+
+
+def _fold_standardization(probe: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make ``probe(x)`` equal the probe as trained on ``(x - mean) / std``: the first linear
+    layer absorbs the affine map (``W' = W / std``, ``b' = b - W' mean``)."""
+    first = probe if isinstance(probe, torch.nn.Linear) else probe[0]
+    with torch.no_grad():
+        w = first.weight / std.to(first.weight.dtype)
+        first.bias.sub_(w @ mean.to(w.dtype))
+        first.weight.copy_(w)
+
+
 def fit_classifiers(model: LlamaModel, heads: ExitHeads, feats: Features, cfg: ClassifierConfig,
                     progress: bool = False) -> list[float]:
     """Fit every exit's classifier probe (BCE, AdamW) on exact labels; the heads stay frozen.
+
+    ``feats`` should be rows the heads were not trained on (``eeserve tune`` uses its held-out
+    windows): on their own training rows the heads agree with the final layer more often, and
+    more confidently, than on new text, and a probe fitted there is over-confident (measured in
+    docs/exit_heads.md). Inputs are standardised over the rows while fitting; the scaling is then
+    folded into the probe's first layer. Candidates (``choose_candidates``) must be set first.
 
     Returns:
         per exit point, the share of labelled rows whose exit top-1 equals the teacher's.
 
     Raises:
-        ValueError: the heads have no classifiers.
+        ValueError: the heads have no classifiers, or ``feats`` holds no rows.
     """
     if not heads.has_classifier:
         raise ValueError("these exit heads have no classifier to fit")
+    if feats.num_rows == 0:
+        raise ValueError("no rows to fit the classifiers on (the held-out split is empty)")
     gen = torch.Generator().manual_seed(cfg.seed)
-    if heads.classifier_vocab:  # candidates: the final layer's most frequent top-1 ids in the training rows
-        counts = torch.bincount(feats.top_ids[:, 0].cpu(), minlength=model.args.vocab_size)
-        candidates = counts.topk(heads.classifier_vocab).indices.to(model.device)
-        for e in feats.exit_layers:
-            heads[e].set_candidates(candidates)
     rows = torch.randperm(feats.num_rows, generator=gen)[: cfg.rows]
     labels = exit_labels(model, heads, feats, rows)
     bar = _bar(len(feats.exit_layers) * cfg.steps, "classifiers", progress)
@@ -355,7 +379,9 @@ def fit_classifiers(model: LlamaModel, heads: ExitHeads, feats: Features, cfg: C
         opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         with torch.no_grad():  # the probe's inputs, once (they do not depend on the probe)
             x = torch.cat([heads[e].classifier_inputs(model, feats.hidden[rows[s : s + 4096], i].to(model.dtype))
-                           for s in range(0, rows.numel(), 4096)])
+                           for s in range(0, rows.numel(), 4096)]).float()
+            mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-4)
+            x = ((x - mean) / std).to(next(clf.parameters()).dtype)
         y = labels[:, i].float().to(model.device)
         for _ in range(cfg.steps):
             idx = torch.randint(0, rows.numel(), (min(cfg.batch_rows, rows.numel()),), generator=gen)
@@ -366,6 +392,7 @@ def fit_classifiers(model: LlamaModel, heads: ExitHeads, feats: Features, cfg: C
             if bar is not None:
                 bar.update(1)
         clf.requires_grad_(False)
+        _fold_standardization(clf, mean, std)
     if bar is not None:
         bar.close()
     return labels.float().mean(0).tolist()
