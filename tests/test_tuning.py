@@ -89,18 +89,20 @@ def test_resume_continues_from_checkpoint(tiny, tmp_path):
                             tmp_path / "ck.pt", resume=True)
 
 
-@pytest.mark.parametrize("vocab", [0, 16])
-def test_classifier_fit_on_exact_labels(tiny, vocab):
+@pytest.mark.parametrize("vocab,hidden_state", [(0, True), (16, True), (16, False)])
+def test_classifier_fit_on_exact_labels(tiny, vocab, hidden_state):
     train = distill.collect_features(tiny, _windows(32, 32), (1, 2), top_k=8)
-    heads = ExitHeads((1, 2), "adapter", tiny, classifier=True, classifier_hidden=16, classifier_vocab=vocab)
+    heads = ExitHeads((1, 2), "adapter", tiny, classifier=True, classifier_hidden=16 if hidden_state else 0,
+                      classifier_vocab=vocab, classifier_hidden_state=hidden_state)
+    distill.choose_candidates(tiny, heads, train)
     rows = torch.arange(train.num_rows)
     labels = distill.exit_labels(tiny, heads, train, rows)
     # labels by hand: the exit head's full-vocabulary argmax against the teacher's top-1
     for i, e in enumerate((1, 2)):
         by_hand = heads[e].logits(tiny, train.hidden[rows, i].float()).argmax(-1) == train.top_ids[:, 0]
         assert torch.equal(labels[:, i], by_hand)
-    share = distill.fit_classifiers(tiny, heads, train, distill.ClassifierConfig(rows=train.num_rows, steps=300,
-                                                                                batch_rows=256, lr=1e-2))
+    share = distill.fit_classifiers(tiny, heads, train, distill.ClassifierConfig(
+        rows=train.num_rows, steps=300, batch_rows=256, lr=1e-2 if hidden_state else 5e-2))
     assert share == pytest.approx(labels.float().mean(0).tolist())
     if vocab:
         # candidates: the 16 most frequent teacher top-1 ids (ties aside), counted by hand
@@ -115,28 +117,58 @@ def test_classifier_fit_on_exact_labels(tiny, vocab):
         x = heads[1].classifier_inputs(tiny, h)
         lg = heads[1].logits(tiny, h, heads[1].candidate_ids.expand(5, -1))
         p = lg.softmax(-1)
-        assert torch.allclose(x[:, :64], h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-4)
-        assert torch.allclose(x[:, 64], p.max(-1).values, atol=1e-5)
-        assert torch.allclose(x[:, 66], -(p * p.log()).sum(-1) / 5, atol=1e-5)
-        assert torch.allclose(x[:, 68], lg.logsumexp(-1) / 20, atol=1e-5)
-    # the fitted probe beats the best constant guess (the base rate) on the rows it was fitted on
+        d = 64 if hidden_state else 0
+        assert x.shape == (5, d + 5)
+        if hidden_state:
+            assert torch.allclose(x[:, :64], h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-4)
+        assert torch.allclose(x[:, d], p.max(-1).values, atol=1e-5)
+        assert torch.allclose(x[:, d + 1], p.topk(2, -1).values[:, 1], atol=1e-5)
+        assert torch.allclose(x[:, d + 2], -(p * p.log()).sum(-1) / 5, atol=1e-5)
+        assert torch.allclose(x[:, d + 3], lg.max(-1).values / 20, atol=1e-5)
+        assert torch.allclose(x[:, d + 4], lg.logsumexp(-1) / 20, atol=1e-5)
+    # the fitted probe beats the best constant guess (the base rate) on the rows it was fitted on;
+    # on this random model the five logit statistics say little, so the statistics-only probe
+    # must at least match the base rate and be right on average (checks the folded scaling)
     for i, e in enumerate((1, 2)):
-        y, p = labels[:, i].float(), heads[e].classifier_prob(train.hidden[:, i].float(), tiny).clamp(1e-6, 1 - 1e-6)
+        with torch.no_grad():
+            p = heads[e].classifier_prob(train.hidden[:, i].float(), tiny).clamp(1e-6, 1 - 1e-6)
+        y = labels[:, i].float()
         q = y.mean().clamp(1e-6, 1 - 1e-6)
         bce = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
         base = -(q * q.log() + (1 - q) * (1 - q).log())
-        assert bce < 0.8 * base, (e, float(bce), float(base))
+        if hidden_state:
+            assert bce < 0.8 * base, (e, float(bce), float(base))
+        else:
+            assert bce <= base and abs(float(p.mean() - q)) < 0.02, (e, float(bce), float(base), float(p.mean()))
     with pytest.raises(ValueError, match="no classifier"):
         distill.fit_classifiers(tiny, ExitHeads((1,), "adapter", tiny), train, distill.ClassifierConfig())
+    with pytest.raises(ValueError, match="classifier_vocab must be in 2"):
+        ExitHeads((1,), "adapter", tiny, classifier=True, classifier_vocab=0, classifier_hidden_state=False)
+
+
+@pytest.mark.parametrize("hidden", [0, 4])
+def test_fold_standardization(hidden):
+    torch.manual_seed(0)
+    probe = (torch.nn.Linear(3, 1) if not hidden else
+             torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1)))
+    mean, std = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.1, 3.0, 1.0])
+    x = torch.randn(6, 3) * 2
+    with torch.no_grad():
+        want = probe((x - mean) / std)
+    distill._fold_standardization(probe, mean, std)
+    with torch.no_grad():
+        assert torch.allclose(probe(x), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("head_type", ["adapter", "mlp", "untied"])
 def test_save_load_identical(tiny, tmp_path, head_type):
     train = distill.collect_features(tiny, _windows(4), (1, 3), top_k=8)
     heads = ExitHeads((1, 3), head_type, tiny, classifier=True, head_hidden=16,
-                      classifier_hidden=8 if head_type == "mlp" else 0, classifier_vocab=8 if head_type == "mlp" else 0)
+                      classifier_hidden=8 if head_type == "mlp" else 0, classifier_vocab=0 if head_type == "adapter" else 8,
+                      classifier_hidden_state=head_type != "untied")
     distill.train_heads(tiny, heads, train, None, distill.TrainConfig(steps=3, batch_rows=32, union_k=8, negatives=8))
-    if head_type == "mlp":
+    if head_type != "adapter":
+        distill.choose_candidates(tiny, heads, train)
         distill.fit_classifiers(tiny, heads, train, distill.ClassifierConfig(rows=64, steps=3, batch_rows=32))
     heads.save(tmp_path, IDENTITY, {"confidence": "classifier"})
     loaded = ExitHeads.load(tmp_path, tiny, IDENTITY)
@@ -219,6 +251,39 @@ def test_calibration_per_exit_and_bound():
     assert calibrate.binomial_upper(0, 2000, 0.1) == pytest.approx(1 - 0.1 ** (1 / 2000), rel=1e-6)
     assert calibrate.binomial_upper(19, 20, 0.1) == pytest.approx(0.9 ** (1 / 20), rel=1e-6)
     assert calibrate.binomial_upper(20, 20, 0.1) == 1.0
+
+
+def test_generation_test_picks_hand_computed_setting():
+    """Settings along a path are tested in order by (scripted) generation; the last one whose
+    Clopper-Pearson bound passes is kept, and testing stops at the first failure."""
+    N = calibrate.NEVER
+    # one exit, 10 tokens: confidence and correctness by hand
+    conf = torch.tensor([[0.95], [0.9], [0.85], [0.8], [0.7], [0.6], [0.5], [0.4], [0.3], [0.2]])
+    ok = torch.tensor([[True], [True], [True], [False], [True], [True], [False], [False], [True], [False]])
+    path = [(N,), (0.95,), (0.9,), (0.85,), (0.8,), (0.7,), (0.6,), (0.5,)]
+    # teacher-forced agreement along the path: 1, 1, 1, 1, .9, .9, .9, .8
+    # levels .98, .975, ..., .93 (target .95 + .03 down to - .02): all keep (0.85,), the last at 1.0
+    assert calibrate.settings_to_test(path, conf, ok, (2,), 4, 0.95) == [(0.85,)]
+    # levels .95, .90, .85, .80 keep (0.85,), (0.6,), (0.6,) again (dropped), (0.5,)
+    assert calibrate.settings_to_test(path, conf, ok, (2,), 4, 0.95, above=0.0, below=0.15, step=0.05) == [
+        (0.85,), (0.6,), (0.5,)]
+    # scripted generation: disagreements out of 2000 tokens per setting
+    differ = {(0.9,): 10, (0.8,): 60, (0.7,): 85, (0.6,): 200, (0.5,): 90}
+    runs = []
+
+    def run(thr):
+        runs.append(thr)
+        return calibrate.GenerationCheck(thr, 2000, differ[thr], 20.0, 1.0)
+
+    # at delta 0.1 the bound for 85/2000 is about 0.0483 (<= .05 passes); 200/2000 fails
+    chosen, checks = calibrate.generation_test([(0.9,), (0.8,), (0.7,), (0.6,), (0.5,)], run, 0.95, 0.1)
+    assert chosen == (0.7,) and runs == [(0.9,), (0.8,), (0.7,), (0.6,)]  # (0.5,) never run
+    assert calibrate.binomial_upper(85, 2000, 0.1) <= 0.05 < calibrate.binomial_upper(100, 2000, 0.1)
+    assert [c.agreement for c in checks] == pytest.approx([0.995, 0.97, 0.9575, 0.9])
+    # the plain rule keeps 100/2000 exactly at the target, and nothing when the first setting fails
+    differ[(0.6,)] = 100
+    assert calibrate.generation_test([(0.7,), (0.6,)], run, 0.95, None)[0] == (0.6,)
+    assert calibrate.generation_test([(0.6,)], run, 0.96, None)[0] is None
 
 
 def test_enabled_exits_and_expected_flops(tiny):
