@@ -6,11 +6,12 @@ so they stream from memory as in decode, not from cache) in three forms:
 
 - ``x @ W_t``: the weight stored pre-transposed, ``[in, out]`` (eeserve's layout before 2026-11-29);
 - ``F.linear``: the weight as ``[out, in]``, PyTorch's default form;
-- ``linear`` (``eeserve.model.llama.linear``): the weight as ``[out, in]``, computed as
-  ``W @ x^T`` with one row padded to two.
+- ``W @ x^T``: the weight as ``[out, in]`` as the left operand, one row padded to two;
+- ``linear`` (``eeserve.model.llama.linear``): ``W @ x^T`` up to ``SMALL_BATCH_ROWS`` rows, else
+  ``F.linear``.
 
 It prints the median time per product (microseconds) and the speed-up of ``linear`` over
-``x @ W_t``, checks the three agree, and writes docs/matmul_forms.png.
+``x @ W_t``, checks the forms agree, and writes docs/matmul_forms.png.
 
     python benchmarks/matmul_forms.py            # about 1 min on 2 cores
 """
@@ -46,7 +47,7 @@ def time_form(fn, x: torch.Tensor, weights: list[torch.Tensor], reps: int) -> fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,2,4,8,16,32", help="batch sizes M")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,256", help="batch sizes M")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = ap.parse_args()
@@ -55,11 +56,12 @@ def main() -> None:
     forms = {
         "x @ W_t": lambda x, w_t: x @ w_t,
         "F.linear": lambda x, w: F.linear(x, w),
+        "W @ x^T": lambda x, w: (w @ (torch.cat([x, x]) if x.shape[0] == 1 else x).t())[:, : x.shape[0]].t().contiguous(),
         "linear": lambda x, w: linear(x, w),
     }
     results: dict[str, dict[int, dict[str, float]]] = {}
-    print("| weight [in, out] | M | x @ W_t (us) | F.linear (us) | linear (us) | linear vs x @ W_t |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| weight [in, out] | M | x @ W_t (us) | F.linear (us) | W @ x^T (us) | linear (us) | linear vs x @ W_t |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (k, n) in SHAPES.items():
         copies = 3 if name == "lm_head" else 40
         w_out_in = [torch.randn(n, k) for _ in range(copies)]
@@ -68,15 +70,15 @@ def main() -> None:
         for m in rows:
             x = torch.randn(m, k)
             ref = x @ w_in_out[0]
-            for f in ("F.linear", "linear"):
+            for f in ("F.linear", "W @ x^T", "linear"):
                 got = forms[f](x, w_out_in[0])
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
-            t = {"x @ W_t": time_form(forms["x @ W_t"], x, w_in_out, args.reps),
-                 "F.linear": time_form(forms["F.linear"], x, w_out_in, args.reps),
-                 "linear": time_form(forms["linear"], x, w_out_in, args.reps)}
+            t = {"x @ W_t": time_form(forms["x @ W_t"], x, w_in_out, args.reps)}
+            for f in ("F.linear", "W @ x^T", "linear"):
+                t[f] = time_form(forms[f], x, w_out_in, args.reps)
             results[name][m] = t
-            print(f"| {name} [{k}, {n}] | {m} | {t['x @ W_t']:.0f} | {t['F.linear']:.0f} | {t['linear']:.0f} | "
-                  f"{t['x @ W_t'] / t['linear']:.2f}x |", flush=True)
+            print(f"| {name} [{k}, {n}] | {m} | {t['x @ W_t']:.0f} | {t['F.linear']:.0f} | {t['W @ x^T']:.0f} | "
+                  f"{t['linear']:.0f} | {t['x @ W_t'] / t['linear']:.2f}x |", flush=True)
     plot(results, rows, Path(args.out_dir))
 
 
@@ -88,9 +90,10 @@ def plot(results, rows, out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.2), squeeze=False)
     for ax, (name, by_m) in zip(axes[0], results.items()):
-        for form, style in (("x @ W_t", "o-"), ("F.linear", "s--"), ("linear", "^-")):
+        for form, style in (("x @ W_t", "o-"), ("F.linear", "s--"), ("W @ x^T", "d:"), ("linear", "^-")):
             ax.plot(rows, [by_m[m][form] for m in rows], style, label=form)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_title(f"{name} {SHAPES[name]}", fontsize=9)
         ax.set_xlabel("rows M")
         ax.set_ylabel("us per product")

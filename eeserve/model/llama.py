@@ -81,18 +81,22 @@ class ModelArgs:
         return 2.0 * self.hidden_size * (self.vocab_size if vocab is None else vocab)
 
 
+SMALL_BATCH_ROWS = 16  # up to this many rows ``linear`` uses W @ x^T on CPUs
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T``: [M, in] x [out, in] -> [M, out], contiguous.
 
-    On CPUs MKL's fp32 product streams a weight of this layout fastest as the left operand,
-    ``weight @ x^T``: measured on the 2-core AVX2 machine (benchmarks/matmul_forms.py) it is 1.5x
-    faster than ``x @ W_t`` (the weight pre-transposed) at one row when that row is padded to
-    two, and 2-4x faster at 2-32 rows; at one row unpadded it takes the slow matrix-vector path.
-    Other devices use ``F.linear``.
+    On CPUs, for M <= ``SMALL_BATCH_ROWS``, MKL's fp32 product streams a weight of this layout
+    fastest as the left operand, ``weight @ x^T`` (one row padded to two: alone it takes the slow
+    matrix-vector path). On the 2-core AVX2 machine (benchmarks/matmul_forms.py) that is about
+    1.5x faster than ``x @ W_t`` (the weight pre-transposed) at one row and 2-4x faster at 2-16
+    rows; at larger M it loses to ``F.linear``, which every other case uses.
     """
-    if x.device.type != "cpu":
+    m = x.shape[0]
+    if x.device.type != "cpu" or m > SMALL_BATCH_ROWS:
         return F.linear(x, weight)
-    if x.shape[0] == 1:
+    if m == 1:
         return (weight @ torch.cat([x, x]).t())[:, :1].t().contiguous()
     return (weight @ x.t()).t().contiguous()
 
