@@ -1,0 +1,79 @@
+"""Engine decode throughput of two git revisions, side by side (early exit off).
+
+Checks the old revision out into a temporary git worktree and alternates fresh processes of the
+old and the current tree (``--rounds`` each), each timing ``LLM.generate`` on 1, 8 and 32 chat
+prompts at once, ``--new-tokens`` greedy tokens per request, EOS ignored. Prints the output
+tokens/s of every run and the ratio of medians. Used to check a kernel change on this noisy
+machine, where separate runs minutes apart differ by 20%.
+
+    python benchmarks/compare_checkouts.py --old-rev 72215d7     # about 5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/benchmarks")
+from common import PROMPTS
+from eeserve import LLM, SamplingParams
+llm = LLM("smollm2-135m", max_num_seqs=32, early_exit={"exit_heads": "none"})
+tok = llm.tokenizer
+msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" ({i})"}] for i in range(32)]
+ps = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+      for m in msgs]
+params = SamplingParams(temperature=0, max_tokens=int(sys.argv[2]), ignore_eos=True)
+llm.generate(ps[:1], SamplingParams(max_tokens=4), use_tqdm=False)
+out = {}
+for n in (1, 8, 32):
+    t = time.perf_counter()
+    llm.generate(ps[:n], params, use_tqdm=False)
+    out[n] = n * int(sys.argv[2]) / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def run(tree: Path, new_tokens: int) -> dict[int, float]:
+    res = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(new_tokens)], cwd=tree, capture_output=True,
+                         text=True, check=True)
+    return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old-rev", required=True, help="git revision to compare against the working tree")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old"
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.old_rev], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            rates: dict[str, dict[int, list[float]]] = {"old": {}, "new": {}}
+            for _ in range(args.rounds):
+                for name, tree in (("old", old), ("new", ROOT)):
+                    for n, r in run(tree, args.new_tokens).items():
+                        rates[name].setdefault(n, []).append(r)
+                    print(name, {n: round(v[-1], 1) for n, v in rates[name].items()}, flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False)
+    print(f"| requests at once | {args.old_rev} (old) | working tree (new) | new / old (medians) |")
+    print("| ---: | --- | --- | ---: |")
+    for n in sorted(rates["old"]):
+        o, w = rates["old"][n], rates["new"][n]
+        print(f"| {n} | {', '.join(f'{v:.1f}' for v in o)} | {', '.join(f'{v:.1f}' for v in w)} | "
+              f"{statistics.median(w) / statistics.median(o):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
