@@ -333,3 +333,32 @@ def test_vocab_pruning_scores_only_the_first_exits_top_k():
     per_token_saving = 2 * (a.head_flops() - a.head_flops(k)) / (a.num_layers * a.layer_flops() + a.head_flops())
     assert pruned_flops == pytest.approx(ref.metrics.flops_ratio - per_token_saving, abs=1e-3)
     assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("threshold", [2.0, 0.0])
+def test_flop_accounting_with_tuned_mlp_heads(threshold):
+    """The shipped heads (an MLP head at exit 4, a probe on candidate-logit statistics): decode
+    FLOPs per token counted by hand from the model's shapes."""
+    from pathlib import Path
+
+    import eeserve
+
+    heads = str(Path(eeserve.__file__).parent / "data" / "exit_heads" / "smollm2-135m")
+    llm = _SHARED.get("llm") or _ee_llm("token", "propagate", 2.0)
+    llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", dict(
+        exit_heads=heads, exit_policy="token", exit_layers=(4,), threshold=threshold, kv_fill="propagate")))
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    a = llm.engine.args
+    H, K, M = a.hidden_size, 1024, 512  # candidates, MLP head width (exit_config.json)
+    transform = 6.0 * H * M  # gate/up (H x 2M) and down (M x H)
+    check = transform + 2.0 * H * K + 2.0 * 5  # head MLP, candidate logits, linear probe on 5 statistics
+    full = a.num_layers * a.layer_flops() + a.head_flops()
+    if threshold == 2.0:  # nobody leaves: full depth plus one check per token
+        assert out.outputs[0].exit_layers == [30] * 5
+        assert out.metrics.flops_ratio == pytest.approx((full + check) / full, rel=1e-9)
+    else:  # every decode token leaves at 4: 4 layers, the check, the head (MLP + LM head), K/V of 26 layers
+        assert out.outputs[0].exit_layers == [30] + [4] * 4
+        fill = 2.0 * (a.num_layers - 4) * 2 * a.kv_dim * H
+        spent = 4 * a.layer_flops() + check + transform + a.head_flops() + fill
+        assert out.metrics.flops_ratio == pytest.approx(spent / full, rel=1e-9)
+    assert_no_leak(llm)
