@@ -77,6 +77,37 @@ def test_bad_flag_values(capsys, flags, needles):
     assert out == ""
 
 
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["tune", "--steps", "0"], ["--steps", ">= 1"]),
+        (["tune", "--lr", "-1"], ["--lr", "(0.0, 1.0)"]),
+        (["tune", "--heldout", "1"], ["--heldout", "(0.0, 1.0)"]),
+        (["tune", "--window", "1"], ["--window", ">= 8"]),
+        (["tune", "--ce-weight", "-1"], ["--ce-weight", "[0.0, 100.0)"]),
+        (["tune", "--resume"], ["--resume", "checkpoint.pt"]),
+        (["tune", "--data", "builtin:bogus"], ["--data", "builtin:pydoc"]),
+        (["tune", "--data", "/nonexistent.txt"], ["--data", "/nonexistent.txt"]),
+        (["tune", "--answer-temperature", "0"], ["--answer-temperature", "(0, 2]"]),
+        (["calibrate", "--exit-heads", "/nonexistent"], ["--exit-heads", "exit_config.json"]),
+        (["calibrate", "--exit-heads", "HEADS", "--cache", "FILE"], ["--cache", "is a file"]),
+        (["eval-exits", "--num-prompts", "0"], ["--num-prompts", ">= 1"]),
+    ],
+)
+def test_tuning_commands_refuse_bad_input_before_loading(capsys, tmp_path, argv, needles):
+    """Each is refused with one line naming the flag, before the model loads or any text is generated."""
+    from eeserve.early_exit.defaults import shipped_heads
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    argv = [str(a_file) if a == "FILE" else str(shipped_heads("smollm2-135m")) if a == "HEADS" else a for a in argv]
+    if argv[0] == "tune":
+        argv += ["--out", str(tmp_path / "out")]
+    rc, out, err = run_cli(capsys, argv)
+    assert_one_line_error(rc, err, *needles)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_subcommand(capsys):
     rc, _, err = run_cli(capsys, ["bogus"])
     assert_one_line_error(rc, err, "bogus", "generate")

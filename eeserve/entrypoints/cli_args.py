@@ -47,6 +47,22 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _float_in(low: float, high: float, low_open: bool = True, high_open: bool = True):
+    """An argparse type: a float in the interval (low, high), ends closed where asked."""
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {lo}{low}, {high}{hi}, got {text!r}") from None
+        if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
+            raise argparse.ArgumentTypeError(f"expected a number in {lo}{low}, {high}{hi}, got {v}")
+        return v
+
+    return parse
+
+
 def _bytes(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")

@@ -9,18 +9,22 @@ from pathlib import Path
 import torch
 
 from eeserve.config import DTYPES
-from eeserve.entrypoints.cli_args import _int_at_least, _int_list
+from eeserve.entrypoints.cli_args import _float_in, _int_at_least, _int_list
 
 DEFAULT_EXITS = (4, 6, 8, 12, 16)
 CLASSIFIER_FEATURES = ("logits", "hidden", "hidden+logits")
 _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+_PROBABILITY = _float_in(0.0, 1.0)
+
+
 def add_commands(sub) -> None:
     """Register the tuning commands on the ``eeserve`` sub-parser."""
     t = sub.add_parser("tune", help="train exit heads (+ classifier) by distillation, backbone frozen")
-    t.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder")
-    t.add_argument("--exit-layers", type=_int_list, default=DEFAULT_EXITS, help="e.g. 16,20,24,28")
+    t.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder (default smollm2-135m)")
+    t.add_argument("--exit-layers", type=_int_list, default=DEFAULT_EXITS,
+                   help="exit points, each in 1..L-1 (default 4,6,8,12,16)")
     t.add_argument("--head", choices=("adapter", "mlp", "untied"), default="mlp", help="head type (default mlp)")
     t.add_argument("--head-hidden", type=_POSITIVE, default=512, help="hidden size of mlp heads (default 512)")
     t.add_argument("--no-classifier", action="store_true", help="train no classifier confidence head")
@@ -37,49 +41,58 @@ def add_commands(sub) -> None:
     t.add_argument("--data", nargs="+", default=["builtin"],
                    help="text (.txt) or JSONL files, or builtin / builtin:pydoc / builtin:answers (default builtin)")
     t.add_argument("--out", required=True, help="output folder (heads, config, loss curve, checkpoint)")
-    t.add_argument("--steps", type=int, default=400)
-    t.add_argument("--batch-rows", type=int, default=512, help="tokens per step")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--ce-weight", type=float, default=0.5, help="weight of CE to the final layer's argmax")
-    t.add_argument("--window", type=int, default=128, help="tokens per training sequence")
-    t.add_argument("--max-train-tokens", type=int, default=16000, help="cap on text tokens (besides answers)")
-    t.add_argument("--answer-tokens", type=_POSITIVE, default=96, help="max tokens of each self-generated answer")
+    t.add_argument("--steps", type=_POSITIVE, default=400, help="Adam steps on the heads (default 400)")
+    t.add_argument("--batch-rows", type=_POSITIVE, default=512, help="tokens per step (default 512)")
+    t.add_argument("--lr", type=_float_in(0.0, 1.0), default=3e-3, help="peak learning rate (default 0.003)")
+    t.add_argument("--ce-weight", type=_float_in(0.0, 100.0, low_open=False), default=0.5,
+                   help="weight of CE to the final layer's argmax, >= 0 (default 0.5)")
+    t.add_argument("--window", type=_int_at_least(8), default=128, help="tokens per training sequence (default 128)")
+    t.add_argument("--max-train-tokens", type=_NON_NEGATIVE, default=16000,
+                   help="cap on text tokens besides answers; 0 for no cap (default 16000)")
+    t.add_argument("--answer-tokens", type=_POSITIVE, default=96,
+                   help="max tokens of each self-generated answer (default 96)")
     t.add_argument("--answer-samples", type=_NON_NEGATIVE, default=3,
                    help="sampled answers per prompt besides the greedy one (default 3)")
-    t.add_argument("--answer-temperature", type=float, default=0.8, help="temperature of the sampled answers")
-    t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of the windows")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--answer-temperature", type=float, default=0.8,
+                   help="temperature of the sampled answers, in (0, 2] (default 0.8)")
+    t.add_argument("--heldout", type=_PROBABILITY, default=0.1,
+                   help="held-out fraction of the windows, in (0, 1); they fit the classifiers (default 0.1)")
+    t.add_argument("--seed", type=int, default=0, help="data split, sampling and initialisation seed (default 0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--dtype", default="float32", choices=DTYPES)
+    t.add_argument("--dtype", default="float32", choices=DTYPES, help="backbone dtype (default float32)")
     t.set_defaults(func=cmd_tune)
 
     c = sub.add_parser("calibrate", help="choose exit thresholds for a target token agreement")
-    c.add_argument("--model", default="smollm2-135m")
+    c.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder (default smollm2-135m)")
     c.add_argument("--exit-heads", required=True, help="heads folder (from eeserve tune)")
-    c.add_argument("--target-agreement", type=float, default=0.95)
-    c.add_argument("--delta", type=float, default=0.1, help="error rate of the agreement bound (Learn-then-Test)")
+    c.add_argument("--target-agreement", type=float, default=0.95,
+                   help="token agreement to reach, in (0, 1] (default 0.95)")
+    c.add_argument("--delta", type=float, default=0.1,
+                   help="error rate of the agreement bound (Learn-then-Test), in (0, 1) (default 0.1)")
     c.add_argument("--per-exit", action=argparse_bool(), default=True, help="per-exit thresholds (default) or one global")
-    c.add_argument("--confidence", choices=("auto", "classifier", "softmax"), default="auto")
+    c.add_argument("--confidence", choices=("auto", "classifier", "softmax"), default="auto",
+                   help="confidence measure; auto picks the one with fewer expected FLOPs (default auto)")
     c.add_argument("--kv-fill", choices=("propagate", "recompute"), default="recompute",
                    help="KV fill written into the serving settings and used in generation (default recompute)")
-    c.add_argument("--num-prompts", type=_POSITIVE, default=50, help="test prompts for the final generation check")
+    c.add_argument("--num-prompts", type=_POSITIVE, default=50,
+                   help="test prompts for the final generation check (default 50)")
     c.add_argument("--max-tokens", type=_POSITIVE, default=64, help="greedy tokens per answer (default 64)")
     c.add_argument("--ladder-steps", type=_POSITIVE, default=200,
                    help="candidate thresholds per exit on the per-exit path (default 200)")
     c.add_argument("--no-verify", action="store_true",
                    help="no generation: choose on teacher-forced scores alone (split in halves, bound on one)")
-    c.add_argument("--cache", default=None, help="folder to cache the full-depth answers in")
+    c.add_argument("--cache", default=None, help="folder to cache the full-depth answers in (default: none)")
     c.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     c.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval-exits", help="per-exit agreement, KL and calibration error on held-out text")
-    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder (default smollm2-135m)")
     ev.add_argument("--exit-heads", default=None, help="tuned heads folder (default: the shipped one)")
     ev.add_argument("--exit-layers", type=_int_list, default=None, help="exit points (default: the heads')")
-    ev.add_argument("--num-prompts", type=int, default=50)
-    ev.add_argument("--max-tokens", type=int, default=64)
-    ev.add_argument("--cache", default=None, help="folder to cache the full-depth answers in")
-    ev.add_argument("--pydoc-tokens", type=int, default=2000, help="held-out pydoc tokens")
+    ev.add_argument("--num-prompts", type=_POSITIVE, default=50, help="test prompts answered (default 50)")
+    ev.add_argument("--max-tokens", type=_POSITIVE, default=64, help="greedy tokens per answer (default 64)")
+    ev.add_argument("--cache", default=None, help="folder to cache the full-depth answers in (default: none)")
+    ev.add_argument("--pydoc-tokens", type=_NON_NEGATIVE, default=2000, help="held-out pydoc tokens (default 2000)")
     ev.set_defaults(func=cmd_eval_exits)
 
 
@@ -134,21 +147,30 @@ def cmd_tune(args) -> int:
     from eeserve.tuning import data, distill
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise ValueError(f"--resume: {str(out / 'checkpoint.pt')!r} does not exist; run without --resume to start afresh")
+    for src in args.data:
+        if src.startswith("builtin") and src not in data.BUILTIN_SOURCES:
+            raise ValueError(f"--data {src!r}: the built-in sources are {', '.join(data.BUILTIN_SOURCES)}")
+        if src not in data.BUILTIN_SOURCES and not Path(src).is_file():
+            raise FileNotFoundError(f"--data file {src!r} does not exist")
+    if not 0.0 < args.answer_temperature <= 2.0:
+        raise ValueError(f"--answer-temperature must be in (0, 2], got {args.answer_temperature}")
     t_start = time.perf_counter()
     llm = load_llm(args.model, args.dtype)
     model = llm.engine.model
-    distill.check_exit_layers(args.exit_layers, model.args.num_layers)  # before any work
+    try:
+        distill.check_exit_layers(args.exit_layers, model.args.num_layers)  # before any work
+    except ValueError as err:
+        raise ValueError(f"--exit-layers: {err}") from None
     if args.classifier_vocab and not 2 <= args.classifier_vocab <= model.args.vocab_size:
         raise ValueError(f"--classifier-vocab must be 0 or in 2..{model.args.vocab_size}, got {args.classifier_vocab}")
     if "logits" in args.classifier_features and not args.classifier_vocab and not args.no_classifier:
         raise ValueError(f"--classifier-features {args.classifier_features} needs candidate logits: "
                          f"--classifier-vocab must be in 2..{model.args.vocab_size}, got 0")
-    for src in args.data:
-        if src not in data.BUILTIN_SOURCES and not Path(src).is_file():
-            raise FileNotFoundError(f"data file {src!r} does not exist")
     torch.manual_seed(args.seed)
-    if not 0.0 < args.answer_temperature <= 2.0:
-        raise ValueError(f"--answer-temperature must be in (0, 2], got {args.answer_temperature}")
     wins = builtin_windows(llm, args.data, args.window, args.answer_tokens, args.max_train_tokens, args.seed, out,
                            answer_samples=args.answer_samples, answer_temperature=args.answer_temperature)
     train_w, held_w = data.split_windows(wins, args.heldout, args.seed)
@@ -193,14 +215,30 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def check_folders(args) -> None:
+    """``--cache`` must be a folder (or not exist yet), ``--exit-heads`` a heads folder: checked
+    before the model loads.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the flag.
+    """
+    if args.cache and Path(args.cache).exists() and not Path(args.cache).is_dir():
+        raise ValueError(f"--cache {args.cache!r} is a file; give a folder (it is created if missing)")
+    if args.exit_heads and not (Path(args.exit_heads) / "exit_config.json").is_file():
+        raise FileNotFoundError(f"--exit-heads {args.exit_heads!r} is not a heads folder (no exit_config.json in it; "
+                                f"make one with eeserve tune --out DIR)")
+
+
 def cmd_calibrate(args) -> int:
     from eeserve.tuning.calibrate import run_calibration
 
+    check_folders(args)
     return run_calibration(args)
 
 
 def cmd_eval_exits(args) -> int:
     from eeserve.tuning.evaluate import run_eval
 
+    check_folders(args)
     return run_eval(args)
 
