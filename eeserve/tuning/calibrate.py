@@ -156,6 +156,13 @@ def binomial_upper(k: int, n: int, delta: float) -> float:
     return hi
 
 
+def passes(disagreements: int, n: int, target: float, delta: float | None) -> bool:
+    """Whether ``disagreements`` of ``n`` tokens meet ``target``: the Clopper-Pearson upper bound
+    at level ``delta`` (or, with None, the plain share) is at most ``1 - target``."""
+    risk = binomial_upper(disagreements, n, delta) if delta is not None else disagreements / max(1, n)
+    return risk <= (1.0 - target) + 1e-9
+
+
 def fixed_sequence_test(path: Sequence[tuple[float, ...]], conf: torch.Tensor, correct: torch.Tensor,
                         exit_layers: Sequence[int], num_layers: int, target: float,
                         delta: float | None) -> tuple[float, ...]:
@@ -164,9 +171,7 @@ def fixed_sequence_test(path: Sequence[tuple[float, ...]], conf: torch.Tensor, c
     chosen = path[0]
     for thr in path:
         out = simulate(conf, correct, thr, exit_layers, num_layers)
-        k = round((1.0 - out.agreement) * n)  # disagreeing tokens
-        risk = binomial_upper(k, n, delta) if delta is not None else k / n
-        if risk > (1.0 - target) + 1e-9:
+        if not passes(round((1.0 - out.agreement) * n), n, target, delta):
             break
         chosen = thr
     return chosen
@@ -252,7 +257,7 @@ class GenerationCheck:
     """Early-exit greedy generation measured against full depth.
 
     Attributes:
-        thresholds: the setting, per exit point.
+        thresholds: the setting's thresholds at its enabled exit points (``enabled_exits``).
         tokens: generated tokens.
         disagreements: tokens unequal to the full-depth model's greedy pick given the same prefix.
         mean_layers: mean layers run per generated token.
@@ -286,8 +291,7 @@ def generation_test(settings: Sequence[tuple[float, ...]], run, target: float,
     for thr in settings:
         c = run(thr)
         checks.append(c)
-        risk = binomial_upper(c.disagreements, c.tokens, delta) if delta is not None else 1.0 - c.agreement
-        if risk > (1.0 - target) + 1e-9:
+        if not passes(c.disagreements, c.tokens, target, delta):
             break
         chosen = thr
     return chosen, checks
