@@ -308,10 +308,6 @@ def run_calibration(args) -> int:
     from eeserve.tuning.cli import load_llm
     from eeserve.tuning.evaluate import score_windows
 
-    if not 0.0 < args.target_agreement <= 1.0:
-        raise ValueError(f"--target-agreement must be in (0, 1], got {args.target_agreement}")
-    if not 0.0 < args.delta < 1.0:
-        raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
     t0 = time.perf_counter()
     folder = Path(args.exit_heads)
     llm = load_llm(args.model)

@@ -53,7 +53,7 @@ def add_commands(sub) -> None:
                    help="max tokens of each self-generated answer (default 96)")
     t.add_argument("--answer-samples", type=_NON_NEGATIVE, default=3,
                    help="sampled answers per prompt besides the greedy one (default 3)")
-    t.add_argument("--answer-temperature", type=float, default=0.8,
+    t.add_argument("--answer-temperature", type=_float_in(0.0, 2.0, high_open=False), default=0.8,
                    help="temperature of the sampled answers, in (0, 2] (default 0.8)")
     t.add_argument("--heldout", type=_PROBABILITY, default=0.1,
                    help="held-out fraction of the windows, in (0, 1); they fit the classifiers (default 0.1)")
@@ -65,9 +65,9 @@ def add_commands(sub) -> None:
     c = sub.add_parser("calibrate", help="choose exit thresholds for a target token agreement")
     c.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or HF folder (default smollm2-135m)")
     c.add_argument("--exit-heads", required=True, help="heads folder (from eeserve tune)")
-    c.add_argument("--target-agreement", type=float, default=0.95,
+    c.add_argument("--target-agreement", type=_float_in(0.0, 1.0, high_open=False), default=0.95,
                    help="token agreement to reach, in (0, 1] (default 0.95)")
-    c.add_argument("--delta", type=float, default=0.1,
+    c.add_argument("--delta", type=_PROBABILITY, default=0.1,
                    help="error rate of the agreement bound (Learn-then-Test), in (0, 1) (default 0.1)")
     c.add_argument("--per-exit", action=argparse_bool(), default=True, help="per-exit thresholds (default) or one global")
     c.add_argument("--confidence", choices=("auto", "classifier", "softmax"), default="auto",
@@ -156,8 +156,6 @@ def cmd_tune(args) -> int:
             raise ValueError(f"--data {src!r}: the built-in sources are {', '.join(data.BUILTIN_SOURCES)}")
         if src not in data.BUILTIN_SOURCES and not Path(src).is_file():
             raise FileNotFoundError(f"--data file {src!r} does not exist")
-    if not 0.0 < args.answer_temperature <= 2.0:
-        raise ValueError(f"--answer-temperature must be in (0, 2], got {args.answer_temperature}")
     t_start = time.perf_counter()
     llm = load_llm(args.model, args.dtype)
     model = llm.engine.model
