@@ -171,17 +171,17 @@ class ExitHead(nn.Module):
         """[N, H] -> [N, D] the probe's input (``classifier_inputs_size``), in its dtype: h / rms(h)
         (with ``classifier_hidden_state``), then (with ``classifier_vocab``) the candidate-logit
         statistics."""
-        x = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if not self.classifier_hidden_state:
-            x = x[:, :0]
+        parts = []
+        if self.classifier_hidden_state:
+            parts.append(h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps))
         if self.classifier_vocab:
             logits = linear(self.normed(model, h), self._candidate_rows(model)).float()  # [N, K]
             logp = torch.log_softmax(logits, dim=-1)
             top2 = logp.exp().topk(2, dim=-1).values
             ent = -(logp.exp() * logp).sum(-1)
-            stats = torch.stack([top2[:, 0], top2[:, 1], ent / 5.0, logits.max(-1).values / 20.0,
-                                 torch.logsumexp(logits, -1) / 20.0], dim=-1)
-            x = torch.cat([x, stats], dim=-1)
+            parts.append(torch.stack([top2[:, 0], top2[:, 1], ent / 5.0, logits.max(-1).values / 20.0,
+                                      torch.logsumexp(logits, -1) / 20.0], dim=-1))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return x.to(next(self.classifier.parameters()).dtype)
 
     def set_candidates(self, ids: torch.Tensor) -> None:
