@@ -345,3 +345,23 @@ def test_generate_answers_greedy_plus_samples_and_cache(tmp_path):
     assert FakeLLM.calls == 2  # served from the cache
     data.generate_answers(llm, ["ab", "c"], 8, cache, samples=2, temperature=0.7, seed=4)
     assert FakeLLM.calls == 4  # another seed: generated again
+
+
+def test_untied_heads_saved_in_the_old_layout_load(tiny, tmp_path):
+    """Untied heads saved before the [V, H] layout stored ``lm_head_t`` as [H, V]; they load to
+    the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    heads = ExitHeads((1, 3), "untied", tiny)
+    with torch.no_grad():
+        heads[1].lm_head_w.add_(torch.randn_like(heads[1].lm_head_w) * 0.1)
+    heads.save(tmp_path, IDENTITY)
+    path = tmp_path / "exit_heads.safetensors"
+    old = {k.replace("lm_head_w", "lm_head_t"): (v.t().contiguous() if k.endswith("lm_head_w") else v)
+           for k, v in load_file(str(path)).items()}
+    assert old["exits.1.lm_head_t"].shape == (64, 128)
+    save_file(old, str(path))
+    loaded = ExitHeads.load(tmp_path, tiny, IDENTITY)
+    h = torch.randn(4, 64)
+    for e in (1, 3):
+        assert torch.equal(heads[e].logits(tiny, h), loaded[e].logits(tiny, h))

@@ -88,7 +88,7 @@ class ExitHead(nn.Module):
             nn.init.zeros_(self.down.weight)
         elif head_type == "untied":
             self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
-            self.lm_head_t = nn.Parameter(torch.empty(h, vocab_size, dtype=dtype))
+            self.lm_head_w = nn.Parameter(torch.empty(vocab_size, h, dtype=dtype))  # [V, H], like the model's
         self.head_hidden = head_hidden if head_type == "mlp" else 0
         self.classifier_hidden = classifier_hidden if classifier else 0
         self.classifier_vocab = classifier_vocab if classifier else 0
@@ -146,7 +146,7 @@ class ExitHead(nn.Module):
 
     def head_weight(self, model: LlamaModel) -> torch.Tensor:
         """[V, H] LM head used by this exit (``linear``'s layout)."""
-        return self.lm_head_t.t() if self.head_type == "untied" else model.lm_head_w
+        return self.lm_head_w if self.head_type == "untied" else model.lm_head_w
 
     def logits(self, model: LlamaModel, h: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the full vocabulary ([N, V]) or, with ``ids`` [N, K], of those ids only ([N, K])."""
@@ -233,7 +233,7 @@ class ExitHeads(nn.Module):
             with torch.no_grad():
                 for head in self.heads.values():
                     head.norm.copy_(model.norm_weight)
-                    head.lm_head_t.copy_(model.lm_head_w.t())
+                    head.lm_head_w.copy_(model.lm_head_w)
 
     def __getitem__(self, exit_layer: int) -> ExitHead:
         return self.heads[str(exit_layer)]
@@ -306,6 +306,8 @@ class ExitHeads(nn.Module):
             for e in wanted:
                 head = heads[e]
                 state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"exits.{e}.")}
+                if "lm_head_t" in state:  # untied heads saved before the [V, H] layout: [H, V]
+                    state["lm_head_w"] = state.pop("lm_head_t").t()
                 mine = head.state_dict()
                 for k, v in mine.items():
                     if k not in state:

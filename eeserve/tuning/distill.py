@@ -193,7 +193,7 @@ def distill_loss(model: LlamaModel, heads: ExitHeads, feats: Features, rows: tor
     for i, e in enumerate(feats.exit_layers):
         head = heads[e]
         h = feats.hidden[rows, i].to(dtype)  # [B, H]
-        w = w_t if head.head_type != "untied" else head.lm_head_t[:, vocab]
+        w = w_t if head.head_type != "untied" else head.lm_head_w[vocab].t()
         student = torch.log_softmax((head.normed(model, h) @ w).float(), dim=-1)  # [B, U]
         kl = (p_t * (teacher - student)).sum(-1).mean()
         loss = kl
