@@ -266,13 +266,14 @@ class AsyncLLMEngine:
             logger.exception("engine step failed; aborting the running requests")
             ids = self.engine.unfinished_request_ids()
             err = RuntimeError(f"engine step failed: {e!r}")
-            for rid in ids:
-                self._deliver(rid, err)
             try:
-                self.engine.abort_request(ids)
+                self.engine.abort_request(ids)  # freed before the callers hear of the failure
             except Exception:
                 logger.exception("abort after a failed step also failed")
                 raise
+            finally:
+                for rid in ids:
+                    self._deliver(rid, err)
             return
         for out in outputs:
             self._deliver(out.request_id, out)
