@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from eeserve.model.exit_heads import ExitHeads
+from eeserve.model.exit_heads import ExitHeads, HeadSpec
 from eeserve.model.llama import LlamaModel, ModelArgs
 from eeserve.tuning import calibrate, data, distill
 from eeserve.tuning.evaluate import exit_table, expected_calibration_error, score_windows
@@ -144,6 +144,30 @@ def test_classifier_fit_on_exact_labels(tiny, vocab, hidden_state):
         distill.fit_classifiers(tiny, ExitHeads((1,), "adapter", tiny), train, distill.ClassifierConfig())
     with pytest.raises(ValueError, match="classifier_vocab must be in 2"):
         ExitHeads((1,), "adapter", tiny, classifier=True, classifier_vocab=0, classifier_hidden_state=False)
+
+
+def test_head_spec_normalises_and_round_trips(tiny, tmp_path):
+    # sizes that do not apply are dropped, so equal heads have equal specs
+    assert HeadSpec("adapter", head_hidden=64, classifier_vocab=8) == HeadSpec("adapter")
+    assert HeadSpec("mlp", 32, classifier=False, classifier_hidden=8).classifier_hidden == 0
+    assert not HeadSpec("mlp", 32, classifier=True, classifier_vocab=8, classifier_hidden_state=False).classifier_hidden_state
+    assert HeadSpec("mlp", 32).classifier_hidden_state  # without a probe: the default
+    spec = HeadSpec("mlp", 32, True, 0, 8, False)
+    assert HeadSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    with pytest.raises(ValueError, match="head_hidden must be a positive size"):
+        HeadSpec("mlp", 0)
+    with pytest.raises(ValueError, match="head_type must be one of"):
+        HeadSpec("linear")
+    heads = ExitHeads((1, 2), "mlp", tiny, classifier=True, head_hidden=16, classifier_vocab=8,
+                      classifier_hidden_state=False)
+    heads.save(tmp_path, IDENTITY)
+    assert ExitHeads.load(tmp_path, tiny, IDENTITY).spec == heads.spec
+    assert all(heads[e].spec is heads.spec for e in (1, 2))  # one owner
+    cfg = json.loads((tmp_path / "exit_config.json").read_text())
+    cfg["head_type"] = "bogus"
+    (tmp_path / "exit_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="exit heads in .*head_type must be one of"):
+        ExitHeads.load(tmp_path, tiny, IDENTITY)
 
 
 @pytest.mark.parametrize("hidden", [0, 4])

@@ -373,7 +373,7 @@ def build_exit_executor(config: EarlyExitConfig, model: LlamaModel, kv_cache: KV
         heads = ExitHeads(config.exit_layers, "shared", model)
     else:
         heads = ExitHeads.load(config.exit_heads, model, loader.model_identity(model_files), config.exit_layers)
-        if config.confidence == "classifier" and not heads.has_classifier:
+        if config.confidence == "classifier" and not heads.spec.classifier:
             raise ValueError(f"confidence 'classifier' needs heads with a classifier; {config.exit_heads!r} has none")
     heads.to(model.dtype)
     return ExitExecutor(config, model, heads, kv_cache, kv_manager)

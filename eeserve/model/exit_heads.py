@@ -31,6 +31,7 @@ On disk (a folder): ``exit_heads.safetensors`` with tensors ``exits.<e>.<name>``
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,107 +47,149 @@ FORMAT_VERSION = 1
 NUM_VOCAB_FEATURES = 5  # candidate-logit statistics fed to the classifier
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """What every head of one ``ExitHeads`` is made of; saved in exit_config.json.
+
+    Fields that do not apply are stored as 0 / False (``head_hidden`` unless ``mlp``, the
+    ``classifier_*`` sizes without a classifier), so two specs that build the same heads are equal.
+
+    Attributes:
+        head_type: one of ``HEAD_TYPES``.
+        head_hidden: hidden size of an ``mlp`` head.
+        classifier: each head carries a classifier confidence probe.
+        classifier_hidden: 0 for a linear probe, else the hidden size of an MLP probe.
+        classifier_vocab: 0, or the number K of candidate ids whose logits feed the probe.
+        classifier_hidden_state: the probe also sees ``h / rms(h)`` (True without a classifier:
+            a probe without candidate logits must).
+
+    Raises:
+        ValueError: an unknown head type, a non-positive ``head_hidden`` for ``mlp``, a negative
+            size, or a probe with no inputs.
+    """
+
+    head_type: str
+    head_hidden: int = 0
+    classifier: bool = False
+    classifier_hidden: int = 0
+    classifier_vocab: int = 0
+    classifier_hidden_state: bool = True
+
+    def __post_init__(self) -> None:
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}")
+        if self.head_type == "mlp" and self.head_hidden <= 0:
+            raise ValueError(f"head_hidden must be a positive size for an mlp head, got {self.head_hidden}")
+        if self.classifier_hidden < 0 or self.classifier_vocab < 0:
+            raise ValueError(f"classifier_hidden and classifier_vocab must be >= 0, got "
+                             f"{self.classifier_hidden} and {self.classifier_vocab}")
+        fix = object.__setattr__
+        fix(self, "head_hidden", self.head_hidden if self.head_type == "mlp" else 0)
+        fix(self, "classifier_hidden", self.classifier_hidden if self.classifier else 0)
+        fix(self, "classifier_vocab", self.classifier_vocab if self.classifier else 0)
+        fix(self, "classifier_hidden_state", bool(self.classifier_hidden_state or not self.classifier))
+        if not (self.classifier_hidden_state or self.classifier_vocab):
+            raise ValueError("a classifier probe without the hidden state needs candidate logits: "
+                             "classifier_vocab must be in 2..V")
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit_config.json keys of the spec (``classifier`` is saved as ``has_classifier``)."""
+        d = asdict(self)
+        d["has_classifier"] = d.pop("classifier")
+        return d
+
+    @classmethod
+    def from_json(cls, cfg: dict[str, Any]) -> HeadSpec:
+        """Read the keys written by ``to_json`` (absent ones take their defaults)."""
+        return cls(cfg.get("head_type"), int(cfg.get("head_hidden", 0)), bool(cfg.get("has_classifier", False)),
+                   int(cfg.get("classifier_hidden", 0)), int(cfg.get("classifier_vocab", 0)),
+                   bool(cfg.get("classifier_hidden_state", True)))
+
+
 class ExitHead(nn.Module):
     """One exit point's head. Shared, adapter and mlp heads map h to the input of the model's final
     norm and LM head; untied heads own their norm and LM head.
 
     Args:
-        head_type: one of ``HEAD_TYPES``.
-        head_hidden: hidden size of an ``mlp`` head (ignored otherwise).
-        classifier: give the head a classifier confidence probe.
-        classifier_hidden: 0 for a linear probe, else the hidden size of an MLP probe.
-        classifier_vocab: 0, or the number K of candidate ids whose logits feed the probe.
-        classifier_hidden_state: the probe also sees ``h / rms(h)`` (without candidate logits it
-            must).
+        spec: what the head is made of.
+        hidden_size, vocab_size, eps: the backbone's H, V and RMSNorm epsilon.
 
     Raises:
-        ValueError: an unknown head type, a non-positive ``head_hidden`` for ``mlp``, a
-            ``classifier_vocab`` outside {0} and 2..V, or a probe with no inputs.
+        ValueError: a ``spec.classifier_vocab`` outside {0} and 2..V.
     """
 
-    def __init__(self, head_type: str, hidden_size: int, vocab_size: int, eps: float, classifier: bool,
-                 dtype: torch.dtype = torch.float32, head_hidden: int = 0, classifier_hidden: int = 0,
-                 classifier_vocab: int = 0, classifier_hidden_state: bool = True) -> None:
+    def __init__(self, spec: HeadSpec, hidden_size: int, vocab_size: int, eps: float,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.head_type = head_type
+        self.spec = spec
         self.eps = eps
         h = hidden_size
-        if head_type not in HEAD_TYPES:
-            raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
-        if head_type == "adapter":
+        if spec.head_type == "adapter":
             self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
             self.proj = nn.Linear(h, h, bias=True, dtype=dtype)
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
-        elif head_type == "mlp":
-            if head_hidden <= 0:
-                raise ValueError(f"head_hidden must be a positive size for an mlp head, got {head_hidden}")
+        elif spec.head_type == "mlp":
             self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
-            self.gate_up = nn.Linear(h, 2 * head_hidden, bias=False, dtype=dtype)
+            self.gate_up = nn.Linear(h, 2 * spec.head_hidden, bias=False, dtype=dtype)
             nn.init.normal_(self.gate_up.weight, std=h**-0.5)
-            self.down = nn.Linear(head_hidden, h, bias=False, dtype=dtype)
+            self.down = nn.Linear(spec.head_hidden, h, bias=False, dtype=dtype)
             nn.init.zeros_(self.down.weight)
-        elif head_type == "untied":
+        elif spec.head_type == "untied":
             self.norm = nn.Parameter(torch.ones(h, dtype=dtype))
             self.lm_head_w = nn.Parameter(torch.empty(vocab_size, h, dtype=dtype))  # [V, H], like the model's
-        self.head_hidden = head_hidden if head_type == "mlp" else 0
-        self.classifier_hidden = classifier_hidden if classifier else 0
-        self.classifier_vocab = classifier_vocab if classifier else 0
-        if self.classifier_vocab and not 2 <= self.classifier_vocab <= vocab_size:
-            raise ValueError(f"classifier_vocab must be 0 or in 2..{vocab_size}, got {classifier_vocab}")
-        self.classifier_hidden_state = classifier_hidden_state or not classifier
-        if not (self.classifier_hidden_state or self.classifier_vocab):
-            raise ValueError("a classifier probe without the hidden state needs candidate logits: "
-                             "classifier_vocab must be in 2..V")
-        if self.classifier_vocab:
-            self.register_buffer("candidate_ids", torch.arange(self.classifier_vocab, dtype=torch.long))
+        if spec.classifier_vocab and not 2 <= spec.classifier_vocab <= vocab_size:
+            raise ValueError(f"classifier_vocab must be 0 or in 2..{vocab_size}, got {spec.classifier_vocab}")
+        if spec.classifier_vocab:
+            self.register_buffer("candidate_ids", torch.arange(spec.classifier_vocab, dtype=torch.long))
         self._columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W, ids, W[ids])
         d_in = self.classifier_inputs_size(h)
         self.classifier: nn.Module | None = None
-        if classifier and classifier_hidden > 0:
-            self.classifier = nn.Sequential(nn.Linear(d_in, classifier_hidden, dtype=dtype), nn.GELU(),
-                                            nn.Linear(classifier_hidden, 1, dtype=dtype))
-        elif classifier:
+        if spec.classifier and spec.classifier_hidden > 0:
+            self.classifier = nn.Sequential(nn.Linear(d_in, spec.classifier_hidden, dtype=dtype), nn.GELU(),
+                                            nn.Linear(spec.classifier_hidden, 1, dtype=dtype))
+        elif spec.classifier:
             self.classifier = nn.Linear(d_in, 1, dtype=dtype)
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
 
     def normed(self, model: LlamaModel, h: torch.Tensor) -> torch.Tensor:
         """h: [N, H] residual stream -> [N, H] input of the LM head matrix."""
-        if self.head_type == "untied":
+        if self.spec.head_type == "untied":
             return rms_norm(h, self.norm, self.eps)
-        if self.head_type == "adapter":
+        if self.spec.head_type == "adapter":
             h = h + self.proj(rms_norm(h, self.norm, self.eps))
-        elif self.head_type == "mlp":
+        elif self.spec.head_type == "mlp":
             gate, up = self.gate_up(rms_norm(h, self.norm, self.eps)).chunk(2, dim=-1)
             h = h + self.down(F.silu(gate) * up)
         return model.final_norm(h)
 
     def transform_flops(self, hidden_size: int) -> float:
         """FLOPs per token of the map in front of the LM head (0 for shared and untied heads)."""
-        if self.head_type == "adapter":
+        if self.spec.head_type == "adapter":
             return 2.0 * hidden_size * hidden_size
-        if self.head_type == "mlp":
-            return 6.0 * hidden_size * self.head_hidden
+        if self.spec.head_type == "mlp":
+            return 6.0 * hidden_size * self.spec.head_hidden
         return 0.0
 
     def classifier_inputs_size(self, hidden_size: int) -> int:
         """Width of the probe's input: H (hidden state) and/or the candidate-logit statistics."""
-        return (hidden_size if self.classifier_hidden_state else 0) + (NUM_VOCAB_FEATURES if self.classifier_vocab else 0)
+        spec = self.spec
+        return (hidden_size if spec.classifier_hidden_state else 0) + (NUM_VOCAB_FEATURES if spec.classifier_vocab else 0)
 
     def classifier_flops(self, hidden_size: int) -> float:
         """FLOPs per token of one classifier check (with candidate logits: the head's transform and
         a K-column product too)."""
-        c = self.classifier_hidden
+        c = self.spec.classifier_hidden
         d_in = self.classifier_inputs_size(hidden_size)
         flops = 2.0 * d_in * c + 2.0 * c if c else 2.0 * d_in
-        if self.classifier_vocab:
-            flops += self.transform_flops(hidden_size) + 2.0 * hidden_size * self.classifier_vocab
+        if self.spec.classifier_vocab:
+            flops += self.transform_flops(hidden_size) + 2.0 * hidden_size * self.spec.classifier_vocab
         return flops
 
     def head_weight(self, model: LlamaModel) -> torch.Tensor:
         """[V, H] LM head used by this exit (``linear``'s layout)."""
-        return self.lm_head_w if self.head_type == "untied" else model.lm_head_w
+        return self.lm_head_w if self.spec.head_type == "untied" else model.lm_head_w
 
     def logits(self, model: LlamaModel, h: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the full vocabulary ([N, V]) or, with ``ids`` [N, K], of those ids only ([N, K])."""
@@ -172,9 +215,9 @@ class ExitHead(nn.Module):
         (with ``classifier_hidden_state``), then (with ``classifier_vocab``) the candidate-logit
         statistics."""
         parts = []
-        if self.classifier_hidden_state:
+        if self.spec.classifier_hidden_state:
             parts.append(h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps))
-        if self.classifier_vocab:
+        if self.spec.classifier_vocab:
             logits = linear(self.normed(model, h), self._candidate_rows(model)).float()  # [N, K]
             logp = torch.log_softmax(logits, dim=-1)
             top2 = logp.exp().topk(2, dim=-1).values
@@ -205,11 +248,11 @@ class ExitHeads(nn.Module):
         exit_layers: exit points (layer counts).
         head_type: one of ``HEAD_TYPES``.
         model: the backbone (shapes; and initial values of untied heads: copies of the final head).
-        classifier: give every exit a classifier probe.
-        head_hidden: hidden size of ``mlp`` heads.
-        classifier_hidden: 0 for linear classifier probes, else their MLP hidden size.
-        classifier_vocab: candidate ids whose logits feed the probes (0: none).
-        classifier_hidden_state: the probes also see the hidden state.
+        classifier, head_hidden, classifier_hidden, classifier_vocab, classifier_hidden_state: the
+            rest of the heads' ``HeadSpec``.
+
+    Raises:
+        ValueError: as ``HeadSpec`` and ``ExitHead``.
     """
 
     def __init__(self, exit_layers: tuple[int, ...], head_type: str, model: LlamaModel, classifier: bool = False,
@@ -218,15 +261,10 @@ class ExitHeads(nn.Module):
         super().__init__()
         a = model.args
         self.exit_layers = tuple(exit_layers)
-        self.head_type = head_type
-        self.has_classifier = classifier
-        self.head_hidden = head_hidden if head_type == "mlp" else 0
-        self.classifier_hidden = classifier_hidden if classifier else 0
-        self.classifier_vocab = classifier_vocab if classifier else 0
-        self.classifier_hidden_state = classifier_hidden_state or not classifier
+        self.spec = HeadSpec(head_type, head_hidden, classifier, classifier_hidden, classifier_vocab,
+                             classifier_hidden_state)
         self.heads = nn.ModuleDict(
-            {str(e): ExitHead(head_type, a.hidden_size, a.vocab_size, a.rms_norm_eps, classifier, model.dtype,
-                              head_hidden, classifier_hidden, classifier_vocab, classifier_hidden_state)
+            {str(e): ExitHead(self.spec, a.hidden_size, a.vocab_size, a.rms_norm_eps, model.dtype)
              for e in self.exit_layers}
         )
         if head_type == "untied":
@@ -250,12 +288,7 @@ class ExitHeads(nn.Module):
         cfg = {
             "format_version": FORMAT_VERSION,
             "exit_layers": list(self.exit_layers),
-            "head_type": self.head_type,
-            "head_hidden": self.head_hidden,
-            "has_classifier": self.has_classifier,
-            "classifier_hidden": self.classifier_hidden,
-            "classifier_vocab": self.classifier_vocab,
-            "classifier_hidden_state": self.classifier_hidden_state,
+            **self.spec.to_json(),
             "base_model": base_model,
             "serving": serving or {},
             **(extra or {}),
@@ -292,14 +325,13 @@ class ExitHeads(nn.Module):
         missing = [e for e in wanted if e not in available]
         if missing:
             raise ValueError(f"exit_layers {missing} have no trained head in {str(folder)!r}; available: {list(available)}")
-        head_type = cfg.get("head_type")
-        if head_type not in HEAD_TYPES:
-            raise ValueError(f"exit heads in {str(folder)!r}: head_type must be one of {', '.join(HEAD_TYPES)}, "
-                             f"got {head_type!r}")
-        heads = cls(wanted, head_type, model, bool(cfg.get("has_classifier", False)),
-                    int(cfg.get("head_hidden", 0)), int(cfg.get("classifier_hidden", 0)),
-                    int(cfg.get("classifier_vocab", 0)), bool(cfg.get("classifier_hidden_state", True)))
-        if cfg["head_type"] != "shared" or heads.has_classifier:
+        try:
+            spec = HeadSpec.from_json(cfg)
+        except ValueError as e:
+            raise ValueError(f"exit heads in {str(folder)!r}: {e}") from None
+        heads = cls(wanted, spec.head_type, model, spec.classifier, spec.head_hidden, spec.classifier_hidden,
+                    spec.classifier_vocab, spec.classifier_hidden_state)
+        if spec.head_type != "shared" or spec.classifier:
             if not st_path.is_file():
                 raise FileNotFoundError(f"exit heads folder {str(folder)!r} has no exit_heads.safetensors")
             tensors = load_file(str(st_path))

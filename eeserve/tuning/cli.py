@@ -187,17 +187,15 @@ def cmd_tune(args) -> int:
     log = distill.train_heads(model, heads, feats, held, cfg, out / "checkpoint.pt", args.resume, progress=True)
     distill.plot_losses(log, args.exit_layers, out / "loss_curve.png")
     label_share = None
-    if heads.has_classifier:
+    if heads.spec.classifier:
         ccfg = distill.ClassifierConfig(rows=args.classifier_rows, steps=args.classifier_steps, seed=args.seed)
         distill.choose_candidates(model, heads, feats)
         # fitted on the held-out rows: on their own training rows the heads look better than they are
         label_share = distill.fit_classifiers(model, heads, held, ccfg, progress=True)
-    serving = {"exit_policy": "token", "confidence": "classifier" if heads.has_classifier else "softmax",
+    serving = {"exit_policy": "token", "confidence": "classifier" if heads.spec.classifier else "softmax",
                "kv_fill": "propagate", "threshold": 0.9, "min_exit_layer": min(args.exit_layers)}
     extra = {"tuning": {"data": args.data, "steps": args.steps, "batch_rows": args.batch_rows, "lr": args.lr,
                         "ce_weight": args.ce_weight, "window": args.window, "seed": args.seed,
-                        "head_hidden": heads.head_hidden, "classifier_hidden": heads.classifier_hidden,
-                        "classifier_vocab": heads.classifier_vocab,
                         "classifier_features": args.classifier_features,
                         "answer_tokens": args.answer_tokens, "answer_samples": args.answer_samples,
                         "answer_temperature": args.answer_temperature,

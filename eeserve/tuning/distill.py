@@ -193,7 +193,7 @@ def distill_loss(model: LlamaModel, heads: ExitHeads, feats: Features, rows: tor
     for i, e in enumerate(feats.exit_layers):
         head = heads[e]
         h = feats.hidden[rows, i].to(dtype)  # [B, H]
-        w = w_t if head.head_type != "untied" else head.lm_head_w[vocab].t()
+        w = w_t if head.spec.head_type != "untied" else head.lm_head_w[vocab].t()
         student = torch.log_softmax((head.normed(model, h) @ w).float(), dim=-1)  # [B, U]
         kl = (p_t * (teacher - student)).sum(-1).mean()
         loss = kl
@@ -283,7 +283,7 @@ def train_heads(model: LlamaModel, heads: ExitHeads, train: Features, heldout: F
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                         "log": log, "step": step + 1, "exit_layers": list(heads.exit_layers),
-                        "head_type": heads.head_type, "steps": cfg.steps}, checkpoint)
+                        "head_type": heads.spec.head_type, "steps": cfg.steps}, checkpoint)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"kl {log.train[-1][1]:.3f}")
@@ -331,10 +331,10 @@ def exit_labels(model: LlamaModel, heads: ExitHeads, feats: Features, rows: torc
 def choose_candidates(model: LlamaModel, heads: ExitHeads, feats: Features) -> None:
     """Give every head the ``classifier_vocab`` ids most often predicted by the final layer in
     ``feats`` as the candidates whose logits feed its probe (no-op without candidate logits)."""
-    if not heads.classifier_vocab:
+    if not heads.spec.classifier_vocab:
         return
     counts = torch.bincount(feats.top_ids[:, 0].cpu(), minlength=model.args.vocab_size)
-    candidates = counts.topk(heads.classifier_vocab).indices.to(model.device)
+    candidates = counts.topk(heads.spec.classifier_vocab).indices.to(model.device)
     for e in feats.exit_layers:
         heads[e].set_candidates(candidates)
 
@@ -365,7 +365,7 @@ def fit_classifiers(model: LlamaModel, heads: ExitHeads, feats: Features, cfg: C
     Raises:
         ValueError: the heads have no classifiers, or ``feats`` holds no rows.
     """
-    if not heads.has_classifier:
+    if not heads.spec.classifier:
         raise ValueError("these exit heads have no classifier to fit")
     if feats.num_rows == 0:
         raise ValueError("no rows to fit the classifiers on (the held-out split is empty)")
@@ -404,7 +404,7 @@ def _check_checkpoint(state: dict, heads: ExitHeads, cfg: TrainConfig, path: Pat
     if "heads" not in state or "step" not in state:
         raise ValueError(f"{path} is not an eeserve tune checkpoint; {fix}")
     theirs = (state.get("exit_layers"), state.get("head_type"))
-    mine = (list(heads.exit_layers), heads.head_type)
+    mine = (list(heads.exit_layers), heads.spec.head_type)
     if theirs[0] is not None and (theirs[0], theirs[1]) != mine:
         raise ValueError(f"checkpoint {path} holds {theirs[1]} heads at exit layers {theirs[0]}, but this run trains "
                          f"{mine[1]} heads at exit layers {mine[0]}; {fix}")

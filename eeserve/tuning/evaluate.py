@@ -79,7 +79,7 @@ def score_windows(model: LlamaModel, heads: ExitHeads, windows: Sequence[Window]
             sm.append(lp.max(-1).values.exp())
             ok.append(lp.argmax(-1) == top)
             kl.append((final.exp() * (final - lp)).sum(-1))
-            if heads.has_classifier:
+            if heads.spec.classifier:
                 cls.append(head.classifier_prob(he, model))
         out["sm"].append(torch.stack(sm, 1))
         out["ok"].append(torch.stack(ok, 1))
