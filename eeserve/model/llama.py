@@ -84,20 +84,35 @@ class ModelArgs:
 SMALL_BATCH_ROWS = 16  # up to this many rows ``linear`` uses W @ x^T on CPUs
 
 
+def padded_rows(m: int) -> int:
+    """Rows ``linear`` computes for ``m`` rows on CPUs (``m`` <= ``SMALL_BATCH_ROWS``): MKL's fp32
+    ``W @ x^T`` takes a slow path at some column counts, so those are padded with zero rows. On the
+    2-core AVX2 machine (benchmarks/matmul_forms.py, a whole decode step of the default model) 1
+    row costs more than 2, 3 more than 4, and 9-15 rows more than 16 (13-15 rows about 1.5x); 5-8
+    rows are fastest as they are."""
+    if m in (1, 3):
+        return m + 1
+    if 8 < m < SMALL_BATCH_ROWS:
+        return SMALL_BATCH_ROWS
+    return m
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T``: [M, in] x [out, in] -> [M, out], contiguous.
 
     On CPUs, for M <= ``SMALL_BATCH_ROWS``, MKL's fp32 product streams a weight of this layout
-    fastest as the left operand, ``weight @ x^T`` (one row padded to two: alone it takes the slow
-    matrix-vector path). On the 2-core AVX2 machine (benchmarks/matmul_forms.py) that is about
-    1.5x faster than ``x @ W_t`` (the weight pre-transposed) at one row and 2-4x faster at 2-16
-    rows; at larger M it loses to ``F.linear``, which every other case uses.
+    fastest as the left operand, ``weight @ x^T``, with the row count padded by ``padded_rows``.
+    On the 2-core AVX2 machine (benchmarks/matmul_forms.py) that is about 1.5x faster than ``x @
+    W_t`` (the weight pre-transposed) at one row and 2-4x faster at 2-16 rows; at larger M it
+    loses to ``F.linear``, which every other case uses.
     """
     m = x.shape[0]
     if x.device.type != "cpu" or m > SMALL_BATCH_ROWS:
         return F.linear(x, weight)
-    if m == 1:
-        return (weight @ torch.cat([x, x]).t())[:, :1].t().contiguous()
+    p = padded_rows(m)
+    if p != m:
+        x = torch.cat([x, x.new_zeros(p - m, x.shape[1])])
+        return (weight @ x.t())[:, :m].t().contiguous()
     return (weight @ x.t()).t().contiguous()
 
 
