@@ -141,3 +141,32 @@ def test_linear_matches_the_plain_product_at_every_row_count():
         assert out.shape == (m, 96) and out.is_contiguous()
         ref = (x.double() @ w.double().T).float()
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_paged_attention_mixed_batch_matches_a_direct_softmax():
+    # single decode rows of different context lengths, sequences with 2-3 rows (pending rows
+    # riding along) in the batched call, and a 7-row chunk; every row against softmax(q k^T) v
+    # over its own causal context, in float64.
+    from eeserve.model.attention import SeqAttention, build_attention_metadata, paged_attention
+
+    torch.manual_seed(0)
+    nh, nkv, hd, slots = 4, 2, 8, 200
+    k_cache, v_cache = torch.randn(slots + 1, nkv, hd), torch.randn(slots + 1, nkv, hd)
+    k_cache[slots] = v_cache[slots] = 0  # the pad slot
+    layout = [(1, 9), (2, 5), (1, 13), (3, 11), (7, 20), (1, 4)]  # (query rows, context length)
+    seqs, row, free = [], 0, torch.randperm(slots)
+    for n, ctx in layout:
+        kv_slots, free = free[:ctx], free[ctx:]
+        seqs.append(SeqAttention(torch.arange(row, row + n), torch.arange(ctx - n, ctx), kv_slots))
+        row += n
+    meta = build_attention_metadata(seqs, row, torch.zeros(row, dtype=torch.long), slots)
+    assert len(meta.chunks) == 1 and meta.batch_rows.shape == (5, 3)
+    q = torch.randn(row, nh, hd)
+    out = paged_attention(q, k_cache, v_cache, meta, scale=hd**-0.5)
+    for s in seqs:
+        for r, p in zip(s.rows.tolist(), s.positions.tolist()):
+            k = k_cache[s.kv_slots[: p + 1]].double().repeat_interleave(nh // nkv, dim=1)  # [p+1, nh, hd]
+            v = v_cache[s.kv_slots[: p + 1]].double().repeat_interleave(nh // nkv, dim=1)
+            w = torch.softmax(torch.einsum("hd,khd->hk", q[r].double(), k) * hd**-0.5, dim=-1)
+            ref = torch.einsum("hk,khd->hd", w, v).reshape(-1)
+            torch.testing.assert_close(out[r].double(), ref, rtol=1e-5, atol=1e-5)

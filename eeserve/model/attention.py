@@ -5,9 +5,10 @@ is a flat array of slots (``num_blocks * block_size`` plus one always-zero paddi
 sequence's token at position p lives in slot ``block_table[p // block_size] * block_size +
 p % block_size``.
 
-Single-row sequences (decode tokens) are attended in one padded batched call; multi-row chunks
-(prefill, or decode rows carrying pending positions along) are attended one sequence at a time
-with a causal mask, so a long prefill chunk never pads the decode rows.
+Sequences with at most ``BATCHED_MAX_ROWS`` query rows (decode tokens, alone or with a few
+pending rows riding along under early exit) are attended in one padded batched call; longer
+chunks (prefill) one sequence at a time with a causal mask, so a long prefill chunk never pads
+the decode rows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class SeqAttention:
     kv_slots: torch.Tensor
 
 
+BATCHED_MAX_ROWS = 4  # sequences with up to this many query rows share the batched call
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     """Forward metadata of one step for the rows currently in the batch.
@@ -40,17 +44,21 @@ class AttentionMetadata:
     Attributes:
         positions: [T] int64, position of each row in its sequence.
         slot_mapping: [T] int64, cache slot each row's K/V is written to.
-        decode_rows: [Bd] int64, rows that are the only query of their sequence.
-        decode_kv_slots: [Bd, Lmax] int64, context slots of those rows, padded with ``pad_slot``.
-        decode_mask: [Bd, 1, 1, Lmax] bool, True where a key may be attended; None if no padding.
-        chunks: sequences with several query rows.
+        batch_rows: [B, n] int64, query rows of the sequences attended in the batched call, one
+            sequence per line; a sequence with fewer than n rows repeats its last row.
+        batch_valid: [B, n] bool, False on the repeats; None when n == 1.
+        batch_kv_slots: [B, Lmax] int64, context slots of those sequences, padded with ``pad_slot``.
+        batch_mask: [B, 1, n, Lmax] bool, True where a query may attend a key (causal and inside
+            the context); None when every query may attend its whole padded context.
+        chunks: the other sequences (more than ``BATCHED_MAX_ROWS`` rows), attended one by one.
     """
 
     positions: torch.Tensor
     slot_mapping: torch.Tensor
-    decode_rows: torch.Tensor
-    decode_kv_slots: torch.Tensor
-    decode_mask: torch.Tensor | None
+    batch_rows: torch.Tensor
+    batch_valid: torch.Tensor | None
+    batch_kv_slots: torch.Tensor
+    batch_mask: torch.Tensor | None
     chunks: tuple[SeqAttention, ...]
 
     @property
@@ -67,52 +75,39 @@ def build_attention_metadata(
         seqs: one entry per sequence; their ``rows`` together cover 0..num_rows-1 exactly once.
         num_rows: T, rows in the packed batch.
         slot_mapping: [T] int64 write slots.
-        pad_slot: an always-zero slot used to pad decode contexts.
+        pad_slot: an always-zero slot used to pad contexts.
     """
     device = slot_mapping.device
     positions = torch.empty(num_rows, dtype=torch.long, device=device)
-    singles = [s for s in seqs if s.rows.numel() == 1]
-    chunks = tuple(s for s in seqs if s.rows.numel() > 1)
+    batched = [s for s in seqs if s.rows.numel() <= BATCHED_MAX_ROWS]
+    chunks = tuple(s for s in seqs if s.rows.numel() > BATCHED_MAX_ROWS)
     for s in seqs:
         positions[s.rows] = s.positions
-    if singles:
-        decode_rows = torch.cat([s.rows for s in singles])
-        lens = [int(s.kv_slots.numel()) for s in singles]
-        lmax = max(lens)
-        kv = torch.full((len(singles), lmax), pad_slot, dtype=torch.long, device=device)
-        for i, s in enumerate(singles):
-            kv[i, : lens[i]] = s.kv_slots
-        if min(lens) == lmax:
-            mask = None
-        else:
-            lens_t = torch.tensor(lens, device=device)
-            mask = (torch.arange(lmax, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+    if not batched:
+        empty = torch.empty(0, 1, dtype=torch.long, device=device)
+        return AttentionMetadata(positions, slot_mapping, empty, None, empty, None, chunks)
+    n = max(int(s.rows.numel()) for s in batched)
+    lens = [int(s.kv_slots.numel()) for s in batched]
+    lmax = max(lens)
+    kv = torch.full((len(batched), lmax), pad_slot, dtype=torch.long, device=device)
+    rows = torch.empty(len(batched), n, dtype=torch.long, device=device)
+    pos = torch.empty(len(batched), n, dtype=torch.long, device=device)
+    for i, s in enumerate(batched):
+        k = int(s.rows.numel())
+        kv[i, : lens[i]] = s.kv_slots
+        rows[i, :k], rows[i, k:] = s.rows, s.rows[-1]
+        pos[i, :k], pos[i, k:] = s.positions, s.positions[-1]
+    valid = None
+    if n > 1:
+        valid = torch.arange(n, device=device)[None, :] < torch.tensor([int(s.rows.numel()) for s in batched],
+                                                                        device=device)[:, None]
+    if n == 1 and min(lens) == lmax:
+        mask = None  # one query per sequence, contexts of one length
     else:
-        decode_rows = torch.empty(0, dtype=torch.long, device=device)
-        kv = torch.empty(0, 1, dtype=torch.long, device=device)
-        mask = None
-    return AttentionMetadata(positions, slot_mapping, decode_rows, kv, mask, chunks)
-
-
-def select_rows(meta: AttentionMetadata, keep: torch.Tensor) -> AttentionMetadata:
-    """Metadata for the subset of rows ``keep`` (batch compaction at an exit point).
-
-    Args:
-        keep: [T] bool, rows that go on. Rows of a multi-row chunk are kept or dropped
-            together with the chunk (chunks never exit early).
-
-    Returns:
-        metadata whose rows are renumbered 0..keep.sum()-1 in the original order.
-    """
-    new_index = torch.cumsum(keep.long(), 0) - 1  # [T] new row number of each kept row
-    keep_decode = keep[meta.decode_rows]
-    decode_rows = new_index[meta.decode_rows[keep_decode]]
-    decode_kv = meta.decode_kv_slots[keep_decode]
-    mask = meta.decode_mask[keep_decode] if meta.decode_mask is not None else None
-    chunks = tuple(
-        SeqAttention(new_index[c.rows], c.positions, c.kv_slots) for c in meta.chunks if bool(keep[c.rows].all())
-    )
-    return AttentionMetadata(meta.positions[keep], meta.slot_mapping[keep], decode_rows, decode_kv, mask, chunks)
+        keys = torch.arange(lmax, device=device)
+        lens_t = torch.tensor(lens, device=device)
+        mask = ((keys[None, None, :] <= pos[:, :, None]) & (keys[None, None, :] < lens_t[:, None, None]))[:, None]
+    return AttentionMetadata(positions, slot_mapping, rows, valid, kv, mask, chunks)
 
 
 def paged_attention(
@@ -137,12 +132,16 @@ def paged_attention(
     """
     num_rows, num_heads, head_dim = q.shape
     out = q.new_empty(num_rows, num_heads, head_dim)
-    if meta.decode_rows.numel() > 0:
-        qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, nh, 1, hd]
-        kd = k_cache[meta.decode_kv_slots].transpose(1, 2)  # [Bd, nkv, L, hd]
-        vd = v_cache[meta.decode_kv_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[meta.decode_rows] = od.squeeze(2)
+    if meta.batch_rows.numel() > 0:
+        qb = q[meta.batch_rows].transpose(1, 2)  # [B, nh, n, hd]
+        kb = k_cache[meta.batch_kv_slots].transpose(1, 2)  # [B, nkv, L, hd]
+        vb = v_cache[meta.batch_kv_slots].transpose(1, 2)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.batch_mask, scale=scale, enable_gqa=True)
+        ob = ob.transpose(1, 2)  # [B, n, nh, hd]
+        if meta.batch_valid is None:
+            out[meta.batch_rows[:, 0]] = ob[:, 0]
+        else:
+            out[meta.batch_rows[meta.batch_valid]] = ob[meta.batch_valid]
     for c in meta.chunks:
         qc = q[c.rows].transpose(0, 1)  # [nh, n, hd]
         kc = k_cache[c.kv_slots].transpose(0, 1)  # [nkv, ctx, hd]
