@@ -154,14 +154,15 @@ class ExitHead(nn.Module):
             nn.init.zeros_(self.classifier.bias)
 
     def normed(self, model: LlamaModel, h: torch.Tensor) -> torch.Tensor:
-        """h: [N, H] residual stream -> [N, H] input of the LM head matrix."""
+        """h: [N, H] residual stream -> [N, H] input of the LM head matrix. The products go through
+        ``linear``: a decode-time check runs on a few rows."""
         if self.spec.head_type == "untied":
             return rms_norm(h, self.norm, self.eps)
         if self.spec.head_type == "adapter":
-            h = h + self.proj(rms_norm(h, self.norm, self.eps))
+            h = h + linear(rms_norm(h, self.norm, self.eps), self.proj.weight) + self.proj.bias
         elif self.spec.head_type == "mlp":
-            gate, up = self.gate_up(rms_norm(h, self.norm, self.eps)).chunk(2, dim=-1)
-            h = h + self.down(F.silu(gate) * up)
+            gate, up = linear(rms_norm(h, self.norm, self.eps), self.gate_up.weight).chunk(2, dim=-1)
+            h = h + linear(F.silu(gate) * up, self.down.weight)
         return model.final_norm(h)
 
     def transform_flops(self, hidden_size: int) -> float:

@@ -88,9 +88,9 @@ def padded_rows(m: int) -> int:
     """Rows ``linear`` computes for ``m`` rows on CPUs (``m`` <= ``SMALL_BATCH_ROWS``): MKL's fp32
     ``W @ x^T`` takes a slow path at some column counts, so those are padded with zero rows. On the
     2-core AVX2 machine (benchmarks/matmul_forms.py, a whole decode step of the default model) 1
-    row costs more than 2, 3 more than 4, and 9-15 rows more than 16 (13-15 rows about 1.5x); 5-8
-    rows are fastest as they are."""
-    if m in (1, 3):
+    row costs more than 2, 3 more than 4, 7 more than 8, and 9-15 rows more than 16 (13-15 rows
+    about 1.5x); 5 and 6 rows are fastest as they are."""
+    if m in (1, 3, 7):
         return m + 1
     if 8 < m < SMALL_BATCH_ROWS:
         return SMALL_BATCH_ROWS
