@@ -1,12 +1,13 @@
 """Engine decode throughput of two git revisions, side by side (early exit off).
 
 Checks the old revision out into a temporary git worktree and alternates fresh processes of the
-old and the current tree (``--rounds`` each), each timing ``LLM.generate`` on 1, 8 and 32 chat
-prompts at once, ``--new-tokens`` greedy tokens per request, EOS ignored. Prints the output
+old and the current tree (``--rounds`` each), each timing ``LLM.generate`` on ``--requests`` (1, 8
+and 32) chat prompts at once, ``--new-tokens`` greedy tokens per request, EOS ignored. Prints the output
 tokens/s of every run and the ratio of medians. Used to check a kernel change on this noisy
 machine, where separate runs minutes apart differ by 20%.
 
     python benchmarks/compare_checkouts.py --old-rev 72215d7     # about 5 min
+    python benchmarks/compare_checkouts.py --old-rev 09bd6c7 --requests 1,8,12 --rounds 3
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ ps = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_promp
 params = SamplingParams(temperature=0, max_tokens=int(sys.argv[2]), ignore_eos=True)
 llm.generate(ps[:1], SamplingParams(max_tokens=4), use_tqdm=False)
 out = {}
-for n in (1, 8, 32):
+for n in map(int, sys.argv[3].split(",")):
     t = time.perf_counter()
     llm.generate(ps[:n], params, use_tqdm=False)
     out[n] = n * int(sys.argv[2]) / (time.perf_counter() - t)
@@ -42,9 +43,9 @@ print(json.dumps(out))
 """
 
 
-def run(tree: Path, new_tokens: int) -> dict[int, float]:
-    res = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(new_tokens)], cwd=tree, capture_output=True,
-                         text=True, check=True)
+def run(tree: Path, new_tokens: int, requests: str) -> dict[int, float]:
+    res = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(new_tokens), requests], cwd=tree,
+                         capture_output=True, text=True, check=True)
     return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -53,7 +54,10 @@ def main() -> None:
     ap.add_argument("--old-rev", required=True, help="git revision to compare against the working tree")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--requests", default="1,8,32", help="comma-separated requests run at once, at most 32")
     args = ap.parse_args()
+    if not all(1 <= int(n) <= 32 for n in args.requests.split(",")):
+        raise SystemExit(f"--requests: numbers in 1..32, got {args.requests!r}")
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
         subprocess.run(["git", "worktree", "add", "--detach", str(old), args.old_rev], cwd=ROOT, check=True,
@@ -62,7 +66,7 @@ def main() -> None:
             rates: dict[str, dict[int, list[float]]] = {"old": {}, "new": {}}
             for _ in range(args.rounds):
                 for name, tree in (("old", old), ("new", ROOT)):
-                    for n, r in run(tree, args.new_tokens).items():
+                    for n, r in run(tree, args.new_tokens, args.requests).items():
                         rates[name].setdefault(n, []).append(r)
                     print(name, {n: round(v[-1], 1) for n, v in rates[name].items()}, flush=True)
         finally:

@@ -47,17 +47,11 @@ class Row:
 
 
 def agreement(llm, outs) -> float:
-    """Token agreement: share of generated tokens equal to the full model's greedy pick given the
-    same prefix (the early-exit output teacher-forced through the full-depth model)."""
-    same = total = 0
-    for o in outs:
-        ids = o.prompt_token_ids + o.outputs[0].token_ids
-        logits = llm.engine.full_depth_logits(ids)
-        p = len(o.prompt_token_ids)
-        pred = logits[p - 1 : len(ids) - 1].argmax(-1).tolist()
-        gen = o.outputs[0].token_ids
-        same += sum(int(a == b) for a, b in zip(pred, gen))
-        total += len(gen)
+    """Token agreement (DESIGN.md) of the outputs, by ``eeserve.tuning.calibrate.token_agreement``."""
+    from eeserve.tuning.calibrate import token_agreement
+
+    same, total = token_agreement(llm.engine.model, [o.prompt_token_ids for o in outs],
+                                  [list(o.outputs[0].token_ids) for o in outs])
     return same / max(total, 1)
 
 

@@ -7,13 +7,16 @@ so they stream from memory as in decode, not from cache) in three forms:
 - ``x @ W_t``: the weight stored pre-transposed, ``[in, out]`` (eeserve's layout before 2026-11-29);
 - ``F.linear``: the weight as ``[out, in]``, PyTorch's default form;
 - ``W @ x^T``: the weight as ``[out, in]`` as the left operand, one row padded to two;
-- ``linear`` (``eeserve.model.llama.linear``): ``W @ x^T`` up to ``SMALL_BATCH_ROWS`` rows, else
-  ``F.linear``.
+- ``linear`` (``eeserve.model.llama.linear``): ``W @ x^T`` up to ``SMALL_BATCH_ROWS`` rows, the
+  row count padded by ``padded_rows``, else ``F.linear``.
 
 It prints the median time per product (microseconds) and the speed-up of ``linear`` over
-``x @ W_t``, checks the forms agree, and writes docs/matmul_forms.png.
+``x @ W_t``, checks the forms agree, and writes docs/matmul_forms.png. A second table adds the
+products up to a whole decode step of the default model (30 layers of q/k/v, o, gate/up, down,
+and the LM head) for ``W @ x^T`` and ``linear``: the effect of the padding.
 
-    python benchmarks/matmul_forms.py            # about 1 min on 2 cores
+    python benchmarks/matmul_forms.py                                     # about 1 min on 2 cores
+    python benchmarks/matmul_forms.py --rows 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from eeserve.model.llama import linear
 
 ROOT = Path(__file__).resolve().parent.parent
+LAYERS = 30  # decoder layers of the default model
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
 
 
@@ -79,6 +83,12 @@ def main() -> None:
             results[name][m] = t
             print(f"| {name} [{k}, {n}] | {m} | {t['x @ W_t']:.0f} | {t['F.linear']:.0f} | {t['W @ x^T']:.0f} | "
                   f"{t['linear']:.0f} | {t['x @ W_t'] / t['linear']:.2f}x |", flush=True)
+    print("\n| M | decode step, W @ x^T (ms) | decode step, linear (ms) | linear vs W @ x^T |")
+    print("| ---: | ---: | ---: | ---: |")
+    for m in rows:
+        step = {f: sum(results[name][m][f] * (1 if name == "lm_head" else LAYERS) for name in SHAPES) / 1e3
+                for f in ("W @ x^T", "linear")}
+        print(f"| {m} | {step['W @ x^T']:.1f} | {step['linear']:.1f} | {step['W @ x^T'] / step['linear']:.2f}x |")
     plot(results, rows, Path(args.out_dir))
 
 
