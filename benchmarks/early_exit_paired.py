@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8", help="comma-separated request counts run at once (default 1,8)")
     ap.add_argument("--rounds", type=int, default=15, help="rounds per concurrency (default 15)")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per request, EOS ignored (default 128)")
+    ap.add_argument("--max-exit-batch", type=int, default=None, help="early-exit arm's max_exit_batch (default: the heads')")
     ap.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = ap.parse_args()
 
@@ -70,6 +71,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     over = {} if args.exit_heads is None else {"exit_heads": args.exit_heads}
+    if args.max_exit_batch is not None:
+        over["max_exit_batch"] = args.max_exit_batch
     ee_cfg = resolve_early_exit(args.model, over)
     if ee_cfg.exit_heads is None:
         raise SystemExit(f"--model {args.model}: no tuned exit heads shipped; pass --exit-heads DIR")
@@ -84,7 +87,8 @@ def main() -> None:
     llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     desc = (f"{Path(ee_cfg.exit_heads).name}: exits {list(ee_cfg.exit_layers)}, {ee_cfg.confidence} "
             f"{list(ee_cfg.threshold) if isinstance(ee_cfg.threshold, tuple) else ee_cfg.threshold}, "
-            f"{ee_cfg.exit_policy} policy, {ee_cfg.kv_fill}")
+            f"{ee_cfg.exit_policy} policy, {ee_cfg.kv_fill}"
+            + (f", max_exit_batch {ee_cfg.max_exit_batch}" if ee_cfg.max_exit_batch else ""))
     print(desc, flush=True)
 
     results = []

@@ -130,6 +130,11 @@ class EarlyExitConfig:
         min_exit_layer: exits below this layer count are never taken.
         vocab_prune_k: for softmax/margin/entropy, score only the top-K ids of the first exit
             point at later exit points (arXiv 2410.18952); 0 = full vocabulary everywhere.
+        max_exit_batch: exit points are checked only in steps with at most this many decode rows;
+            larger steps run all layers (0 = always check). With ``recompute`` the skipped layers
+            run one step later, so exits save time only where an extra row is cheap: where a
+            step's cost grows with its rows (a CPU at 8 requests, docs/benchmarks.md), checks are
+            pure cost.
     """
 
     exit_policy: str = "none"
@@ -141,6 +146,7 @@ class EarlyExitConfig:
     exit_heads: str | None = None
     min_exit_layer: int = 1
     vocab_prune_k: int = 0
+    max_exit_batch: int = 0
 
     def __post_init__(self) -> None:
         _require(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {', '.join(EXIT_POLICIES)}", self.exit_policy)
@@ -167,6 +173,7 @@ class EarlyExitConfig:
             )
         _require(self.min_exit_layer >= 1, "min_exit_layer", "an integer >= 1", self.min_exit_layer)
         _require(self.vocab_prune_k >= 0, "vocab_prune_k", "an integer >= 0", self.vocab_prune_k)
+        _require(self.max_exit_batch >= 0, "max_exit_batch", "an integer >= 0 (0 = no limit)", self.max_exit_batch)
         if self.exit_policy != "none":
             _require(len(layers) > 0, "exit_layers", "non-empty when exit_policy is not none", layers)
 

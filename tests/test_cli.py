@@ -69,6 +69,7 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
         (["--block-size", "3"], ["--block-size", "block_size"]),
         (["--max-num-seqs", "0"], ["--max-num-seqs", "max_num_seqs"]),
         (["--exit-heads", "/nonexistent/heads"], ["--exit-heads", "exit_config.json"]),
+        (["--max-exit-batch", "-1"], ["--max-exit-batch", ">= 0"]),
     ],
 )
 def test_bad_flag_values(capsys, flags, needles):

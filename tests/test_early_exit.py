@@ -362,3 +362,26 @@ def test_flop_accounting_with_tuned_mlp_heads(threshold):
         spent = 4 * a.layer_flops() + check + transform + a.head_flops() + fill
         assert out.metrics.flops_ratio == pytest.approx(spent / full, rel=1e-9)
     assert_no_leak(llm)
+
+
+def test_max_exit_batch_skips_checks_in_larger_steps():
+    # threshold 0: every check exits. Alone, a request exits at the first exit point on every
+    # decode token; in a step of 3 decode rows with max_exit_batch 2 no exit point is checked,
+    # so every token runs all 30 layers, costs no check, and equals full depth.
+    ee = resolve_early_exit("smollm2-135m", dict(exit_heads="none", exit_policy="token", exit_layers=EXITS,
+                                                  threshold=0.0, kv_fill="recompute", max_exit_batch=2))
+    llm = _ee_llm("token", "recompute", 0.0)
+    llm.engine.set_early_exit(ee)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    assert alone.outputs[0].exit_layers == [30] + [8] * 7
+    three = llm.generate(PROMPTS, params, use_tqdm=False)
+    for o in three:
+        assert o.outputs[0].exit_layers == [30] * 8
+        assert o.metrics.flops_ratio == pytest.approx(1.0)
+    full = _ee_llm("none", "propagate", 0.9)
+    ref = full.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in three] == [o.outputs[0].token_ids for o in ref]
+    with pytest.raises(ValueError, match="max_exit_batch must be an integer >= 0"):
+        resolve_early_exit("smollm2-135m", dict(exit_heads="none", max_exit_batch=-1))
+    assert_no_leak(llm)

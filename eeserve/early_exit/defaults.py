@@ -28,7 +28,8 @@ def config_from_heads_dir(path: Path) -> dict[str, Any]:
     cfg = json.loads((Path(path) / "exit_config.json").read_text())
     fields = {"exit_layers": tuple(cfg["exit_layers"]), "exit_head": cfg["head_type"], "exit_heads": str(path)}
     serving = cfg.get("serving", {})
-    for k in ("exit_layers", "exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k"):
+    for k in ("exit_layers", "exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k",
+              "max_exit_batch"):
         if k in serving:
             v = serving[k]
             fields[k] = tuple(v) if isinstance(v, list) else v

@@ -225,6 +225,8 @@ class ExitExecutor:
         request_flops: dict[str, tuple[float, float]] = {}  # request id -> (spent, full depth)
         boundaries = sorted(set(self.exit_points) | {j for g in groups for j in g.joins} | {L})
         meta = self._meta(groups)
+        decode_rows = sum(g.is_decode for g in groups)
+        check = not cfg.max_exit_batch or decode_rows <= cfg.max_exit_batch
         cur = 0
         for b in boundaries:
             if b > cur:
@@ -239,7 +241,7 @@ class ExitExecutor:
                 changed = True
             if b == L:
                 break
-            if b in self.exit_points:
+            if check and b in self.exit_points:
                 keep = self._exit_point(b, groups, h, step_logits, exit_layer_of, stats, request_flops)
                 if keep is not None:
                     offsets = self._offsets(groups)

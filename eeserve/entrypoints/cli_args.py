@@ -108,6 +108,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     e.add_argument("--min-exit-layer", type=int, default=None, help="never exit before this many layers")
     e.add_argument("--vocab-prune-k", type=int, default=None,
                    help="score only the top-K ids of the first exit at later exits (softmax/margin/entropy); 0 = off")
+    e.add_argument("--max-exit-batch", type=_int_at_least(0), default=None,
+                   help="check exits only in steps with at most this many decode rows; 0 = always (default)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +161,7 @@ def sampling_params_from_args(a: argparse.Namespace) -> SamplingParams:
 def early_exit_overrides(a: argparse.Namespace) -> dict:
     """The early-exit flags the user set (None ones are left to the model's exit config)."""
     names = ("exit_policy", "exit_layers", "exit_head", "confidence", "threshold", "kv_fill",
-             "exit_heads", "min_exit_layer", "vocab_prune_k")
+             "exit_heads", "min_exit_layer", "vocab_prune_k", "max_exit_batch")
     out = {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
     if "threshold" in out and len(out["threshold"]) == 1:
         out["threshold"] = out["threshold"][0]
