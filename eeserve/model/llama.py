@@ -241,8 +241,10 @@ class LlamaModel(nn.Module):
         self.embed_tokens.copy_(get("model.embed_tokens.weight"))
         self.norm_weight.copy_(get("model.norm.weight"))
         tied = a.tie_word_embeddings or "lm_head.weight" not in sd
-        head = get("model.embed_tokens.weight") if tied else sd["lm_head.weight"]  # [V, H]
-        self.lm_head_w.copy_(head)
+        if tied:  # one [V, H] tensor serves as embedding and LM head (113 MB for the default model)
+            self.lm_head_w.data = self.embed_tokens.data
+        else:
+            self.lm_head_w.copy_(sd["lm_head.weight"])
         for n, layer in enumerate(self.layers):
             p = f"model.layers.{n}."
             layer.input_norm.copy_(get(p + "input_layernorm.weight"))
