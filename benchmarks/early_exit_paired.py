@@ -64,6 +64,18 @@ def main() -> None:
     ap.add_argument("--max-exit-batch", type=int, default=None, help="early-exit arm's max_exit_batch (default: the heads')")
     ap.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = ap.parse_args()
+    try:
+        concs = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency: comma-separated integers, got {args.concurrency!r}")
+    if not all(c >= 1 for c in concs):
+        ap.error(f"--concurrency: each value must be >= 1, got {args.concurrency!r}")
+    if args.rounds < 2:
+        ap.error(f"--rounds must be >= 2 (quartiles need two rounds), got {args.rounds}")
+    if args.max_exit_batch is not None and args.max_exit_batch < 0:
+        ap.error(f"--max-exit-batch must be >= 0 (0 = always check), got {args.max_exit_batch}")
+    if args.new_tokens < 1:
+        ap.error(f"--new-tokens must be >= 1, got {args.new_tokens}")
 
     from eeserve import LLM, SamplingParams
     from eeserve.early_exit.defaults import resolve_early_exit
@@ -77,7 +89,6 @@ def main() -> None:
     if ee_cfg.exit_heads is None:
         raise SystemExit(f"--model {args.model}: no tuned exit heads shipped; pass --exit-heads DIR")
     full_cfg = resolve_early_exit(args.model, {"exit_heads": "none"})
-    concs = [int(c) for c in args.concurrency.split(",")]
     llm = LLM(args.model, max_num_seqs=max(concs), early_exit={"exit_heads": "none"})
     tok = llm.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
