@@ -124,7 +124,8 @@ def main() -> None:
         for fill in fills:
             for pol in policies:
                 for thr in thresholds:
-                    over = {"exit_policy": pol, "kv_fill": fill, "exit_layers": layers, "confidence": confidence}
+                    over = {"exit_policy": pol, "kv_fill": fill, "exit_layers": layers, "confidence": confidence,
+                            "max_exit_batch": 0}  # the policies themselves, at every concurrency
                     if args.exit_heads is not None:
                         over["exit_heads"] = args.exit_heads
                     elif not tuned:

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8", help="comma-separated request counts run at once (default 1,8)")
     ap.add_argument("--rounds", type=int, default=15, help="rounds per concurrency (default 15)")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per request, EOS ignored (default 128)")
-    ap.add_argument("--max-exit-batch", type=int, default=None, help="early-exit arm's max_exit_batch (default: the heads')")
+    ap.add_argument("--max-exit-batch", type=int, default=None, help="early-exit arm's max_exit_batch (default: the engine's, 1 on CPU with recompute; 0 = check always)")
     ap.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = ap.parse_args()
     try:
@@ -99,7 +99,7 @@ def main() -> None:
     desc = (f"{Path(ee_cfg.exit_heads).name}: exits {list(ee_cfg.exit_layers)}, {ee_cfg.confidence} "
             f"{list(ee_cfg.threshold) if isinstance(ee_cfg.threshold, tuple) else ee_cfg.threshold}, "
             f"{ee_cfg.exit_policy} policy, {ee_cfg.kv_fill}"
-            + (f", max_exit_batch {ee_cfg.max_exit_batch}" if ee_cfg.max_exit_batch else ""))
+            + f", max_exit_batch {ee_cfg.exit_batch_limit(llm.engine.model.device.type)}")
     print(desc, flush=True)
 
     results = []

@@ -131,10 +131,8 @@ class EarlyExitConfig:
         vocab_prune_k: for softmax/margin/entropy, score only the top-K ids of the first exit
             point at later exit points (arXiv 2410.18952); 0 = full vocabulary everywhere.
         max_exit_batch: exit points are checked only in steps with at most this many decode rows;
-            larger steps run all layers (0 = always check). With ``recompute`` the skipped layers
-            run one step later, so exits save time only where an extra row is cheap: where a
-            step's cost grows with its rows (a CPU at 8 requests, docs/benchmarks.md), checks are
-            pure cost.
+            larger steps run all layers and pay no check. 0 = always check; None (default) =
+            ``exit_batch_limit``'s choice for the device: 1 on CPUs with ``recompute``, else 0.
     """
 
     exit_policy: str = "none"
@@ -146,7 +144,7 @@ class EarlyExitConfig:
     exit_heads: str | None = None
     min_exit_layer: int = 1
     vocab_prune_k: int = 0
-    max_exit_batch: int = 0
+    max_exit_batch: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {', '.join(EXIT_POLICIES)}", self.exit_policy)
@@ -173,13 +171,29 @@ class EarlyExitConfig:
             )
         _require(self.min_exit_layer >= 1, "min_exit_layer", "an integer >= 1", self.min_exit_layer)
         _require(self.vocab_prune_k >= 0, "vocab_prune_k", "an integer >= 0", self.vocab_prune_k)
-        _require(self.max_exit_batch >= 0, "max_exit_batch", "an integer >= 0 (0 = no limit)", self.max_exit_batch)
+        _require(self.max_exit_batch is None or self.max_exit_batch >= 0, "max_exit_batch",
+                 "an integer >= 0 (0 = no limit) or None (the device's default)", self.max_exit_batch)
         if self.exit_policy != "none":
             _require(len(layers) > 0, "exit_layers", "non-empty when exit_policy is not none", layers)
 
     @property
     def enabled(self) -> bool:
         return self.exit_policy != "none" and len(self.exit_layers) > 0
+
+    def exit_batch_limit(self, device_type: str) -> int:
+        """``max_exit_batch``, with None resolved for a device type (``cpu``, ``cuda``, ...).
+
+        With ``recompute`` a token's skipped layers run in the next step as an extra row, so an
+        exit saves time only where an extra row is nearly free. On a CPU that holds for one
+        sequence (its row is padded to two anyway) but not from two rows up, where a step costs
+        about in proportion to its rows: measured on the 2-core development machine, early exit
+        ran 1.08-1.15x the full-depth speed for one request and 0.90-0.91x for 2-8
+        (docs/benchmarks.md, interleaved pairs). So None means 1 on CPUs with ``recompute``, and
+        no limit otherwise (``propagate`` saves the FLOPs; a GPU decode step is memory-bound).
+        """
+        if self.max_exit_batch is not None:
+            return self.max_exit_batch
+        return 1 if device_type == "cpu" and self.kv_fill == "recompute" else 0
 
     def threshold_at(self, index: int) -> float:
         """Threshold of the exit point ``exit_layers[index]``."""

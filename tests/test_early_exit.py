@@ -31,7 +31,8 @@ def _ee_llm(policy: str, fill: str, threshold, confidence: str = "softmax", exit
     """One loaded model (NaN debug fill on) for the module, switched to the wanted early-exit
     settings with ``set_early_exit``; a fresh engine is only built the first time."""
     ee = resolve_early_exit("smollm2-135m", dict(exit_heads="none", exit_policy=policy, exit_layers=exits,
-                                                  threshold=threshold, kv_fill=fill, confidence=confidence))
+                                                  threshold=threshold, kv_fill=fill, confidence=confidence,
+                                                  max_exit_batch=0))
     if "llm" not in _SHARED:
         _SHARED["llm"] = LLM("smollm2-135m", num_kv_blocks=128, debug_nan_fill=True, early_exit={"exit_heads": "none"})
     llm = _SHARED["llm"]
@@ -384,4 +385,24 @@ def test_max_exit_batch_skips_checks_in_larger_steps():
     assert [o.outputs[0].token_ids for o in three] == [o.outputs[0].token_ids for o in ref]
     with pytest.raises(ValueError, match="max_exit_batch must be an integer >= 0"):
         resolve_early_exit("smollm2-135m", dict(exit_heads="none", max_exit_batch=-1))
+    assert_no_leak(llm)
+
+
+def test_max_exit_batch_default_depends_on_device_and_kv_fill():
+    recompute = resolve_early_exit("smollm2-135m", dict(exit_heads="none", exit_layers=EXITS, kv_fill="recompute"))
+    propagate = resolve_early_exit("smollm2-135m", dict(exit_heads="none", exit_layers=EXITS, kv_fill="propagate"))
+    assert recompute.max_exit_batch is None
+    assert recompute.exit_batch_limit("cpu") == 1 and recompute.exit_batch_limit("cuda") == 0
+    assert propagate.exit_batch_limit("cpu") == 0
+    explicit = resolve_early_exit("smollm2-135m", dict(exit_heads="none", exit_layers=EXITS, kv_fill="recompute",
+                                                       max_exit_batch=0))
+    assert explicit.exit_batch_limit("cpu") == 0
+    # the shipped heads (recompute) on CPU: a request alone exits, three at once run full depth
+    llm = _ee_llm("token", "recompute", 0.0)
+    llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", {}))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0]
+    assert any(e < 30 for e in alone.exit_layers)
+    for o in llm.generate(PROMPTS, params, use_tqdm=False):
+        assert o.outputs[0].exit_layers == [30] * 12
     assert_no_leak(llm)

@@ -225,8 +225,8 @@ class ExitExecutor:
         request_flops: dict[str, tuple[float, float]] = {}  # request id -> (spent, full depth)
         boundaries = sorted(set(self.exit_points) | {j for g in groups for j in g.joins} | {L})
         meta = self._meta(groups)
-        decode_rows = sum(g.is_decode for g in groups)
-        check = not cfg.max_exit_batch or decode_rows <= cfg.max_exit_batch
+        limit = cfg.exit_batch_limit(model.device.type)
+        check = not limit or sum(g.is_decode for g in groups) <= limit
         cur = 0
         for b in boundaries:
             if b > cur:

@@ -109,7 +109,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     e.add_argument("--vocab-prune-k", type=int, default=None,
                    help="score only the top-K ids of the first exit at later exits (softmax/margin/entropy); 0 = off")
     e.add_argument("--max-exit-batch", type=_int_at_least(0), default=None,
-                   help="check exits only in steps with at most this many decode rows; 0 = always (default)")
+                   help="check exits only in steps with at most this many decode rows; 0 = always "
+                        "(default: 1 on CPU with --kv-fill recompute, where larger steps gain nothing, else 0)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -424,11 +424,14 @@ def token_agreement(model, prompts: Sequence[list[int]], outputs: Sequence[list[
 
 def generation_check(llm, args, folder: Path, serving: dict, prompt_ids: Sequence[list[int]]) -> GenerationCheck:
     """Greedy early-exit generation (``args.max_tokens`` per prompt) with ``serving`` switched into
-    ``llm``'s engine, then back to full depth; agreement by teacher forcing."""
+    ``llm``'s engine (exits checked at every batch size), then back to full depth; agreement by
+    teacher forcing."""
     from eeserve import SamplingParams
     from eeserve.early_exit.defaults import resolve_early_exit
 
-    over = {"exit_heads": str(folder), **{k: tuple(v) if isinstance(v, list) else v for k, v in serving.items()}}
+    # max_exit_batch 0: every prompt runs at once here, and each must take the exits it would alone
+    over = {"exit_heads": str(folder), "max_exit_batch": 0,
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in serving.items()}}
     llm.engine.set_early_exit(resolve_early_exit(args.model, over))
     try:
         t = time.perf_counter()
