@@ -376,7 +376,12 @@ def test_max_exit_batch_skips_checks_in_larger_steps():
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     alone = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
     assert alone.outputs[0].exit_layers == [30] + [8] * 7
+    executor = llm.engine.runner.exit_executor
+    calls = []
+    executor.forward = lambda inputs, requests: calls.append(1) or type(executor).forward(executor, inputs, requests)
     three = llm.generate(PROMPTS, params, use_tqdm=False)
+    del executor.forward
+    assert not calls  # no check and nothing pending: the plain full-depth forward ran
     for o in three:
         assert o.outputs[0].exit_layers == [30] * 8
         assert o.metrics.flops_ratio == pytest.approx(1.0)

@@ -122,6 +122,18 @@ class ExitExecutor:
 
     # ---- helpers --------------------------------------------------------------------------
 
+    def needed(self, inputs: BatchInputs) -> bool:
+        """Whether a step needs this layer loop: it has decode rows, and it either checks exits
+        (at most ``exit_batch_limit`` decode rows) or carries pending rows (``recompute``).
+        Otherwise the plain full-depth forward does the same work without the bookkeeping."""
+        n = len(inputs.decode_request_ids)
+        if n == 0:
+            return False
+        limit = self.config.exit_batch_limit(self.model.device.type)
+        if not limit or n <= limit:
+            return True
+        return self.config.kv_fill == "recompute" and any(self.kv_manager.pending(r) for r in inputs.decode_request_ids)
+
     def _groups(self, inputs: BatchInputs, requests: dict[str, Request]) -> list[_Group]:
         groups = []
         for s, seq in zip(inputs.scheduled, inputs.seqs):

@@ -155,7 +155,7 @@ class ModelRunner:
             the sampled token (with its exit layer) of each request whose chunk samples.
         """
         inputs = prepare_inputs(out, self.kv_cache, self.model.device)
-        if self.exit_executor is not None and inputs.decode_request_ids:
+        if self.exit_executor is not None and self.exit_executor.needed(inputs):
             result = self.exit_executor.forward(inputs, requests)
         else:
             result = self.full_forward(inputs)
