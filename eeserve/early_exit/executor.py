@@ -129,10 +129,14 @@ class ExitExecutor:
         n = len(inputs.decode_request_ids)
         if n == 0:
             return False
-        limit = self.config.exit_batch_limit(self.model.device.type)
-        if not limit or n <= limit:
+        if self._checks_exits(n):
             return True
         return self.config.kv_fill == "recompute" and any(self.kv_manager.pending(r) for r in inputs.decode_request_ids)
+
+    def _checks_exits(self, num_decode: int) -> bool:
+        """Whether a step with ``num_decode`` decode rows checks its exit points (max_exit_batch)."""
+        limit = self.config.exit_batch_limit(self.model.device.type)
+        return not limit or num_decode <= limit
 
     def _groups(self, inputs: BatchInputs, requests: dict[str, Request]) -> list[_Group]:
         groups = []
@@ -237,8 +241,7 @@ class ExitExecutor:
         request_flops: dict[str, tuple[float, float]] = {}  # request id -> (spent, full depth)
         boundaries = sorted(set(self.exit_points) | {j for g in groups for j in g.joins} | {L})
         meta = self._meta(groups)
-        limit = cfg.exit_batch_limit(model.device.type)
-        check = not limit or sum(g.is_decode for g in groups) <= limit
+        check = self._checks_exits(sum(g.is_decode for g in groups))
         cur = 0
         for b in boundaries:
             if b > cur:
