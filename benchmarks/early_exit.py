@@ -105,11 +105,10 @@ def main() -> None:
     fills = ("propagate", "recompute")
     n_conc = args.concurrency
     llm = LLM(args.model, max_num_seqs=max(n_conc, 1), early_exit={"exit_heads": "none"})
-    tok = llm.tokenizer
     prompts = []
     for i in range(max(n_conc, args.single_prompts)):
         msg = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})")}]
-        prompts.append(tok.encode(tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True), add_special_tokens=False))
+        prompts.append(llm.apply_chat_template(msg))
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)
 

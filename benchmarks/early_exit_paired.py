@@ -90,10 +90,7 @@ def main() -> None:
         raise SystemExit(f"--model {args.model}: no tuned exit heads shipped; pass --exit-heads DIR")
     full_cfg = resolve_early_exit(args.model, {"exit_heads": "none"})
     llm = LLM(args.model, max_num_seqs=max(concs), early_exit={"exit_heads": "none"})
-    tok = llm.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False)
-               for p in PROMPTS]
+    prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     desc = (f"{Path(ee_cfg.exit_heads).name}: exits {list(ee_cfg.exit_layers)}, {ee_cfg.confidence} "

@@ -6,7 +6,7 @@ embeddings (Su et al. 2021, arXiv 2104.09864), SwiGLU MLP, grouped-query attenti
 
 Weights are stored as ``[out, in]`` (contiguous) with q/k/v and gate/up fused, and every
 product goes through ``linear``, which picks the fast form for the device (on CPUs, ``W @ x^T``
-with a single row padded to two; docs/benchmarks.md). The model keeps no per-forward state:
+with the row count padded by ``padded_rows``; docs/benchmarks.md). The model keeps no per-forward state:
 metadata and the KV cache are arguments of ``run_layers``.
 """
 
