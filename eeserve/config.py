@@ -133,6 +133,17 @@ class EarlyExitConfig:
         max_exit_batch: exit points are checked only in steps with at most this many decode rows;
             larger steps run all layers and pay no check. 0 = always check; None (default) =
             ``exit_batch_limit``'s choice for the device: 1 on CPUs with ``recompute``, else 0.
+        verify_exits: treat every early-exit token as a draft and verify it with the full-depth
+            prediction of its position, which ``recompute`` computes in the sequence's next pass
+            anyway (self-speculative decoding with a draft from the exit head, as LayerSkip,
+            Elhoushi et al. 2024, arXiv 2404.16710, section 4). A draft that the full model would
+            not have picked is replaced and the tokens computed after it are discarded, so the
+            output is the full-depth output: token for token when greedy, in distribution when
+            sampling. Needs ``kv_fill='recompute'``.
+        max_draft_tokens: with ``verify_exits``, the most unverified drafts a sequence may hold: a
+            row whose sequence holds this many runs all layers and verifies them. A long chain
+            costs more when its first draft is wrong (every row after it is discarded, and the
+            pending rows ride the verifying step). 0 = no limit.
     """
 
     exit_policy: str = "none"
@@ -145,6 +156,8 @@ class EarlyExitConfig:
     min_exit_layer: int = 1
     vocab_prune_k: int = 0
     max_exit_batch: int | None = None
+    verify_exits: bool = False
+    max_draft_tokens: int = 0
 
     def __post_init__(self) -> None:
         _require(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {', '.join(EXIT_POLICIES)}", self.exit_policy)
@@ -175,6 +188,13 @@ class EarlyExitConfig:
                  "an integer >= 0 (0 = no limit) or None (the device's default)", self.max_exit_batch)
         if self.exit_policy != "none":
             _require(len(layers) > 0, "exit_layers", "non-empty when exit_policy is not none", layers)
+        _require(isinstance(self.verify_exits, bool), "verify_exits", "True or False", self.verify_exits)
+        _require(self.max_draft_tokens >= 0, "max_draft_tokens", "an integer >= 0 (0 = no limit)", self.max_draft_tokens)
+        if self.verify_exits and self.kv_fill != "recompute":
+            raise ValueError(
+                f"verify_exits must be used with kv_fill 'recompute' (an exit is verified by the deferred pass "
+                f"over its skipped layers), got kv_fill {self.kv_fill!r}"
+            )
 
     @property
     def enabled(self) -> bool:

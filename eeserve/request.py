@@ -75,6 +75,7 @@ class Request:
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     flops: float = 0.0  # FLOPs spent on this request's decode tokens
     full_flops: float = 0.0  # FLOPs the same tokens would cost at full depth
+    num_draft_tokens: int = 0  # trailing output tokens from early exits not yet verified (verify_exits)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -87,6 +88,20 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_confirmed_tokens(self) -> int:
+        """Output tokens that are final: all but the trailing drafts (``verify_exits``)."""
+        return len(self.output_token_ids) - self.num_draft_tokens
+
+    def truncate_outputs(self, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` output tokens (with their exit layers and logprobs); the
+        tokens dropped are the last ones, drafts first."""
+        dropped = max(0, len(self.output_token_ids) - num_tokens)
+        self.num_draft_tokens = max(0, self.num_draft_tokens - dropped)
+        del self.output_token_ids[num_tokens:]
+        del self.exit_layers[num_tokens:]
+        del self.output_logprobs[num_tokens:]
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_no_leak, first_divergence
+from helpers import assert_no_leak, assert_same_or_near_tie, first_divergence, reference_logits
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from eeserve import LLM, EarlyExitOverride, SamplingParams
@@ -27,12 +27,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 _SHARED: dict[str, LLM] = {}
 
 
-def _ee_llm(policy: str, fill: str, threshold, confidence: str = "softmax", exits=EXITS) -> LLM:
+def _ee_llm(policy: str, fill: str, threshold, confidence: str = "softmax", exits=EXITS, **extra) -> LLM:
     """One loaded model (NaN debug fill on) for the module, switched to the wanted early-exit
     settings with ``set_early_exit``; a fresh engine is only built the first time."""
     ee = resolve_early_exit("smollm2-135m", dict(exit_heads="none", exit_policy=policy, exit_layers=exits,
                                                   threshold=threshold, kv_fill=fill, confidence=confidence,
-                                                  max_exit_batch=0))
+                                                  max_exit_batch=0, **extra))
     if "llm" not in _SHARED:
         _SHARED["llm"] = LLM("smollm2-135m", num_kv_blocks=128, debug_nan_fill=True, early_exit={"exit_heads": "none"})
     llm = _SHARED["llm"]
@@ -294,6 +294,8 @@ def test_bad_exit_settings_are_refused():
             exit_heads="none", exit_policy="token", exit_layers=(8,), confidence="classifier")))
     with pytest.raises(ValueError, match="kv_fill"):
         _ee_llm("token", "sometimes", 0.5)
+    with pytest.raises(ValueError, match="verify_exits must be used with kv_fill 'recompute'"):
+        _ee_llm("token", "propagate", 0.5, verify_exits=True)
     # a refused setting leaves the engine serving with its previous configuration
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
@@ -411,3 +413,82 @@ def test_max_exit_batch_default_depends_on_device_and_kv_fill():
     for o in llm.generate(PROMPTS, params, use_tqdm=False):
         assert o.outputs[0].exit_layers == [30] * 12
     assert_no_leak(llm)
+
+
+# ---- verify_exits: drafts from the exits, checked against the full model -------------------------
+
+
+def _full_reference(prompts, params) -> list[list[int]]:
+    full = _ee_llm("none", "propagate", 0.9)
+    return [list(o.outputs[0].token_ids) for o in full.generate(prompts, params, use_tqdm=False)]
+
+
+def test_verify_exits_output_equals_full_depth(hf_model):
+    # The shared head at layers 8/16/24 with softmax 0.3 exits often and is often wrong: many
+    # drafts, chains of drafts, and rejections. Verified, the output is the full model's.
+    prompts = PROMPTS + ["List the planets of the solar system:"]
+    params = [SamplingParams(temperature=0, max_tokens=m, logprobs=1) for m in (3, 9, 24, 24)]
+    ref = _full_reference(prompts, params)
+    llm = _ee_llm("token", "recompute", 0.3, verify_exits=True)
+    sched = llm.engine.scheduler
+    acc0, rej0 = sched.num_drafts_accepted, sched.num_drafts_rejected
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert sched.num_drafts_accepted > acc0 and sched.num_drafts_rejected > rej0
+    for p, r, o in zip(prompts, ref, outs):
+        got = o.outputs[0]
+        ids = llm.tokenizer.encode(p)
+        assert_same_or_near_tie(hf_model, ids, r, list(got.token_ids), f"verify_exits {p!r}")
+        assert len(got.exit_layers) == len(got.token_ids) == len(got.logprobs)
+        # every token's logprob is the full model's (a kept draft's logprob is replaced)
+        ref_lp = torch.log_softmax(reference_logits(hf_model, ids + list(got.token_ids)), -1)
+        for i, (t, lp) in enumerate(zip(got.token_ids, got.logprobs)):
+            assert abs(lp[t].logprob - float(ref_lp[len(ids) - 1 + i, t])) < 1e-3
+    assert any(e < 30 for o in outs for e in o.outputs[0].exit_layers), "expected kept drafts"
+    assert outs[0].outputs[0].exit_layers[-1] == 30  # the last token is never left a draft
+    assert llm.engine.kv_manager.num_pending == 0
+    assert_no_leak(llm)
+
+
+def test_max_draft_tokens_limits_unverified_drafts(hf_model):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ref = _full_reference(PROMPTS, params)
+    llm = _ee_llm("token", "recompute", 0.2, verify_exits=True, max_draft_tokens=1)
+    eng = llm.engine
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"m{i}", p, params)
+    outs, most = {}, 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+        most = max([most] + [r.num_draft_tokens for r in eng.scheduler.requests.values()])
+    assert most == 1  # drafts were made, never two unverified at once
+    for i, (p, r) in enumerate(zip(PROMPTS, ref)):
+        got = list(outs[f"m{i}"].outputs[0].token_ids)
+        assert_same_or_near_tie(hf_model, llm.tokenizer.encode(p), r, got, f"max_draft_tokens 1 {p!r}")
+    with pytest.raises(ValueError, match="max_draft_tokens must be an integer >= 0"):
+        resolve_early_exit("smollm2-135m", dict(exit_heads="none", max_draft_tokens=-1))
+
+    assert_no_leak(llm)
+
+
+def test_verify_exits_sampling_and_preemption(hf_model):
+    # top_k 1 takes the sampling path and is deterministic: the full model's greedy output.
+    params = SamplingParams(temperature=1.0, top_k=1, seed=3, max_tokens=16, ignore_eos=True)
+    ref = _full_reference(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    llm = _ee_llm("token", "recompute", 0.3, verify_exits=True)
+    for p, r, o in zip(PROMPTS, ref, llm.generate(PROMPTS, params, use_tqdm=False)):
+        assert_same_or_near_tie(hf_model, llm.tokenizer.encode(p), r, list(o.outputs[0].token_ids), f"top_k 1 {p!r}")
+    assert_no_leak(llm)
+    # A KV budget too small for all prompts at once: preempted requests drop their drafts.
+    small = LLM("smollm2-135m", num_kv_blocks=12, max_num_batched_tokens=128, debug_nan_fill=True,
+                early_exit=dict(exit_heads="none", exit_policy="token", exit_layers=EXITS, threshold=0.3,
+                                kv_fill="recompute", verify_exits=True, max_exit_batch=0))
+    prompts = [f"Story {i}: " + "the quick brown fox jumps over the lazy dog. " * (2 + i % 3) for i in range(6)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = small.generate(prompts, greedy, use_tqdm=False)
+    assert small.engine.stats.num_preemptions > 0, "expected preemption under a 12-block budget"
+    assert small.engine.scheduler.num_drafts_accepted > 0
+    for p, r, o in zip(prompts, _full_reference(prompts, greedy), outs):
+        assert_same_or_near_tie(hf_model, small.tokenizer.encode(p), r, list(o.outputs[0].token_ids), f"preempted {p!r}")
+    assert_no_leak(small)

@@ -569,3 +569,112 @@ def test_randomized_tight_cache(seed: int):
         assert len(r.exit_layers) == r.max_tokens
     assert num_preempted > 0  # the budget is tight enough to exercise preemption
     assert_all_free(sched)
+
+
+# ---- verify_exits: drafts, their verification, rollback -----------------------------------------
+
+
+def _draft(token_id: int) -> SampledToken:
+    return SampledToken(token_id, exit_layer=4, draft=True)
+
+
+def _full(token_id: int) -> SampledToken:
+    return SampledToken(token_id, exit_layer=FULL_DEPTH)
+
+
+def _apply(sched: Scheduler, sampled: dict, verified: dict | None = None) -> tuple[SchedulerOutput, list[Request]]:
+    """One step with scripted tokens; every decode row costs 10 FLOPs, 30 at full depth."""
+    out = sched.schedule()
+    flops = {s.request_id: (10.0, 30.0) for s in out.scheduled if s.is_decode}
+    updated = sched.update_from_output(out, ModelRunnerOutput(sampled=sampled, verified=verified or {},
+                                                              request_flops=flops))
+    sched.kv.check_integrity()
+    return out, updated
+
+
+def test_drafts_kept_replaced_and_rolled_back_by_hand():
+    sched = make_scheduler()
+    req = make_request("a", num_prompt=4, max_tokens=10)
+    sched.add_request(req)
+    _apply(sched, {"a": _full(1000)})  # prefill: positions 0-3, first token at full depth
+    out, updated = _apply(sched, {"a": _draft(1001)})  # position 4 exits: a draft
+    assert sizes(out) == {"a": 1} and out.scheduled[0].start_position == 4
+    assert updated == []  # nothing final to report
+    assert (req.output_token_ids, req.num_draft_tokens, req.num_confirmed_tokens) == ([1000, 1001], 1, 1)
+    out, updated = _apply(sched, {"a": _draft(1002)})  # position 5 (input: the draft) exits too
+    assert out.scheduled[0].token_ids == (1001,) and updated == []
+    assert req.num_draft_tokens == 2 and req.num_computed_tokens == 6
+    # Position 6 runs all layers and completes positions 4 and 5: the full model picks 1001 at 4
+    # (kept) and 7777 at 5 (the draft 1002 is replaced); 1003, sampled after 1002, is discarded.
+    _, updated = _apply(sched, {"a": _full(1003)}, {"a": (_full(1001), _full(7777))})
+    assert updated == [req]
+    assert req.output_token_ids == [1000, 1001, 7777]
+    assert req.exit_layers == [FULL_DEPTH, 4, FULL_DEPTH]
+    assert req.num_draft_tokens == 0
+    assert req.num_computed_tokens == 4 + 2  # position 6 gets its new input 7777 recomputed
+    assert (sched.num_drafts_accepted, sched.num_drafts_rejected) == (1, 1)
+    # FLOPs: 3 decode rows spent; the full-depth cost counts the 2 decode tokens kept
+    assert (req.flops, req.full_flops) == (30.0, 60.0)
+    out, _ = _apply(sched, {"a": _full(1004)})
+    assert out.scheduled[0].token_ids == (7777,) and out.scheduled[0].start_position == 6
+    assert out.scheduled[0].is_decode
+    assert req.output_token_ids == [1000, 1001, 7777, 1004]
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert_all_free(sched)
+
+
+def test_a_draft_eos_stops_only_once_verified():
+    sched = make_scheduler()
+    req = make_request("a", num_prompt=3, max_tokens=10, eos=EOS)
+    sched.add_request(req)
+    _apply(sched, {"a": _full(1000)})
+    _apply(sched, {"a": _draft(EOS)})
+    assert not req.is_finished and req.num_draft_tokens == 1  # a draft EOS does not stop
+    # verified: EOS is what the full model picks; the token sampled after it is dropped
+    _, updated = _apply(sched, {"a": _full(1001)}, {"a": (_full(EOS),)})
+    assert updated == [req] and req.status == RequestStatus.FINISHED_STOPPED
+    assert req.output_token_ids == [1000, EOS] and req.exit_layers == [FULL_DEPTH, 4]
+    assert_all_free(sched)
+
+    # a rejected draft EOS: generation goes on from the full model's token
+    req = make_request("b", num_prompt=3, max_tokens=10, eos=EOS)
+    sched.add_request(req)
+    _apply(sched, {"b": _full(1000)})
+    _apply(sched, {"b": _draft(EOS)})
+    _apply(sched, {"b": _full(1001)}, {"b": (_full(555),)})
+    assert not req.is_finished and req.output_token_ids == [1000, 555]
+    sched.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    assert_all_free(sched)
+
+
+def test_preemption_drops_unverified_drafts():
+    sched = make_scheduler()
+    req = make_request("a", num_prompt=4, max_tokens=10)
+    sched.add_request(req)
+    _apply(sched, {"a": _full(1000)})
+    _apply(sched, {"a": _draft(1001)})
+    sched._preempt(req)
+    assert req.output_token_ids == [1000] and req.num_draft_tokens == 0 and req.exit_layers == [FULL_DEPTH]
+    out, _ = _apply(sched, {"a": _full(1001)})  # resumes: prompt + the confirmed token, at full depth
+    assert out.scheduled[0].token_ids == (10, 11, 12, 13, 1000) and not out.scheduled[0].is_decode
+    assert req.output_token_ids == [1000, 1001]
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert_all_free(sched)
+
+
+def test_first_draft_of_a_chain_replaced_discards_the_chain():
+    sched = make_scheduler()
+    req = make_request("a", num_prompt=4, max_tokens=10)
+    sched.add_request(req)
+    _apply(sched, {"a": _full(1000)})
+    _apply(sched, {"a": _draft(1001)})
+    _apply(sched, {"a": _draft(1002)})
+    # the full model picks 5555 where 1001 was drafted: 1002 and the new 1003 were computed from it
+    _apply(sched, {"a": _full(1003)}, {"a": (_full(5555), _full(1002))})
+    assert req.output_token_ids == [1000, 5555] and req.exit_layers == [FULL_DEPTH, FULL_DEPTH]
+    assert req.num_computed_tokens == 4 + 1 and req.num_draft_tokens == 0
+    assert (req.flops, req.full_flops) == (30.0, 30.0)  # three rows spent, one decode token kept
+    out, _ = _apply(sched, {"a": _full(1002)})
+    assert out.scheduled[0].token_ids == (5555,) and out.scheduled[0].start_position == 5
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert_all_free(sched)

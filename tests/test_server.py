@@ -301,6 +301,7 @@ def test_metrics_exposed(server):
         "eeserve:time_to_first_token_seconds_bucket", "eeserve:inter_token_latency_seconds_bucket",
         "eeserve:e2e_request_latency_seconds_bucket", "eeserve:exit_layer_bucket",
         "eeserve:exit_tokens_total", "eeserve:mean_layers_per_token", "eeserve:flops_saved_total",
+        "eeserve:draft_tokens_accepted_total", "eeserve:draft_tokens_rejected_total",
     ):
         assert f'{name}{{' in text, name
     assert f'model_name="{MODEL}"' in text
@@ -329,7 +330,7 @@ class _FakeEngine:
 
     def __init__(self) -> None:
         self.args = SimpleNamespace(num_layers=4)
-        self.scheduler = SimpleNamespace(running=[], waiting=[])
+        self.scheduler = SimpleNamespace(running=[], waiting=[], num_drafts_accepted=0, num_drafts_rejected=0)
         self.kv_manager = SimpleNamespace(usage=0.0)
         self.stats = SimpleNamespace(num_prompt_tokens=0, num_generation_tokens=0, num_preemptions=0,
                                      step=SimpleNamespace(exits={}, decode_flops=0.0, decode_full_flops=0.0))

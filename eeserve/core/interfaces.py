@@ -63,11 +63,14 @@ class SampledToken:
         token_id: sampled id.
         exit_layer: layers run before the exit that produced it (L when no early exit).
         logprobs: when requested.
+        draft: True when it came from an early exit under ``verify_exits`` and waits for its
+            position's full-depth prediction (the sequence's next step).
     """
 
     token_id: int
     exit_layer: int
     logprobs: TokenLogprobs | None = None
+    draft: bool = False
 
 
 @dataclass
@@ -99,8 +102,12 @@ class ModelRunnerOutput:
         sampled: request id -> its new token, for scheduled requests with ``sample``.
         stats: FLOP accounting of the step.
         request_flops: request id -> (FLOPs spent, FLOPs at full depth) for its decode row.
+        verified: request id -> the full-depth token of each of its draft positions, in order
+            (``verify_exits``; one per draft token the request holds). The scheduler keeps the
+            drafts up to the first that differs, which it replaces, and discards the rest.
     """
 
     sampled: dict[str, SampledToken]
     stats: StepStats = field(default_factory=StepStats)
     request_flops: dict[str, tuple[float, float]] = field(default_factory=dict)
+    verified: dict[str, tuple[SampledToken, ...]] = field(default_factory=dict)

@@ -37,6 +37,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # total since start
+        self.num_drafts_accepted = 0  # verify_exits: draft tokens equal to the full-depth token
+        self.num_drafts_rejected = 0  # ... and replaced by it
+        self.num_rows_discarded = 0  # decode rows computed after a replaced draft, dropped
         self._finished_in_schedule: list[str] = []  # finished for lack of room, reported once
 
     # ---- requests in and out -------------------------------------------------------------
@@ -113,6 +116,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req.request_id)
+        # Unverified drafts go: the recomputed prefill samples that position at full depth.
+        req.truncate_outputs(req.num_confirmed_tokens)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -183,12 +188,20 @@ class Scheduler:
         return True
 
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
-        """Advance computed counts, append sampled tokens and apply token-level stop rules
-        (EOS, stop_token_ids, max_tokens, max_model_len). Stop strings are the engine's job
-        (they need text); it calls ``finish_requests``.
+        """Advance computed counts, append sampled tokens, settle verified drafts and apply
+        token-level stop rules (EOS, stop_token_ids, max_tokens, max_model_len) to the tokens that
+        became final. Stop strings are the engine's job (they need text); it calls
+        ``finish_requests``.
+
+        Drafts (``verify_exits``): a draft token is appended like any other (it is the next
+        step's input) but stays out of the stop rules until its full-depth token arrives in
+        ``result.verified``. Drafts equal to it are kept (with the full-depth logprobs); the first
+        that differs is replaced by it, and every token after it is dropped and its position
+        recomputed: ``num_computed_tokens`` goes back to that position (its K/V slots are simply
+        written again; the pending rows were completed in this step).
 
         Returns:
-            the requests that received a token this step (finished ones included).
+            the requests whose final tokens changed this step, or that finished.
         """
         now = time.time()
         updated = []
@@ -197,34 +210,75 @@ class Scheduler:
             if req is None:  # aborted meanwhile
                 continue
             req.num_computed_tokens += s.num_new_tokens
-            tok = result.sampled.get(s.request_id)
-            if tok is None:
-                continue
-            req.output_token_ids.append(tok.token_id)
-            req.exit_layers.append(tok.exit_layer)
-            if tok.logprobs is not None:
-                req.output_logprobs.append(tok.logprobs)
+            first_new = req.num_confirmed_tokens  # index of the first output token to settle
+            discarded = self._settle_drafts(req, result.verified.get(s.request_id, ()))
+            self.num_rows_discarded += discarded
+            kept = discarded == 0
             if s.request_id in result.request_flops:
+                # FLOPs spent count every row; the full-depth cost counts the tokens kept, so that
+                # rows discarded after a replaced draft show as extra spending.
                 spent, full = result.request_flops[s.request_id]
                 req.flops += spent
-                req.full_flops += full
-            if req.first_token_time is None:
+                req.full_flops += full * (1 - discarded)
+            tok = result.sampled.get(s.request_id)
+            if tok is not None and kept:
+                req.output_token_ids.append(tok.token_id)
+                req.exit_layers.append(tok.exit_layer)
+                if tok.logprobs is not None:
+                    req.output_logprobs.append(tok.logprobs)
+                if tok.draft:
+                    req.num_draft_tokens += 1
+            if req.first_token_time is None and req.output_token_ids:
                 req.first_token_time = now
-            status = self._stop_status(req, tok.token_id)
-            if status is not None:
-                self.running.remove(req)
-                self._finish(req, status)
-            updated.append(req)
+            for j in range(first_new, req.num_confirmed_tokens):
+                status = self._stop_status(req, req.output_token_ids[j], j + 1)
+                if status is not None:
+                    req.truncate_outputs(j + 1)
+                    self.running.remove(req)
+                    self._finish(req, status)
+                    break
+            if req.num_confirmed_tokens > first_new or req.is_finished:
+                updated.append(req)
         return updated
 
-    def _stop_status(self, req: Request, token_id: int) -> RequestStatus | None:
+    def _settle_drafts(self, req: Request, verified: tuple) -> int:
+        """Compare the request's drafts with their full-depth tokens (see update_from_output).
+
+        Returns:
+            the decode rows discarded: 0 when every draft was kept (the step's new token follows
+            them), else the rows computed after the replaced draft, this step's included.
+        """
+        if not verified:
+            return 0
+        if len(verified) != req.num_draft_tokens:
+            raise RuntimeError(f"request {req.request_id!r}: {len(verified)} verified tokens for {req.num_draft_tokens} drafts")
+        first = req.num_output_tokens - req.num_draft_tokens
+        req.num_draft_tokens = 0
+        for i, tok in enumerate(verified):
+            j = first + i
+            if tok.logprobs is not None:
+                req.output_logprobs[j] = tok.logprobs
+            if tok.token_id == req.output_token_ids[j]:
+                self.num_drafts_accepted += 1
+                continue
+            self.num_drafts_rejected += 1
+            discarded = req.num_output_tokens - j  # the rows that computed outputs j + 1 .. m
+            req.output_token_ids[j] = tok.token_id
+            req.exit_layers[j] = tok.exit_layer
+            req.truncate_outputs(j + 1)
+            req.num_computed_tokens = req.num_prompt_tokens + j  # the position whose input changed
+            return discarded
+        return 0
+
+    def _stop_status(self, req: Request, token_id: int, num_output: int) -> RequestStatus | None:
+        """Stop rule for the ``num_output``-th output token (1-based), ``token_id``."""
         p = req.sampling_params
-        if req.num_output_tokens >= p.min_tokens:
+        if num_output >= p.min_tokens:
             if not p.ignore_eos and req.eos_token_id is not None and token_id == req.eos_token_id:
                 return RequestStatus.FINISHED_STOPPED
             if token_id in p.stop_token_ids:
                 req.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_output >= req.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

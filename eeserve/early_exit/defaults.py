@@ -29,7 +29,7 @@ def config_from_heads_dir(path: Path) -> dict[str, Any]:
     fields = {"exit_layers": tuple(cfg["exit_layers"]), "exit_head": cfg["head_type"], "exit_heads": str(path)}
     serving = cfg.get("serving", {})
     for k in ("exit_layers", "exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k",
-              "max_exit_batch"):
+              "max_exit_batch", "verify_exits", "max_draft_tokens"):
         if k in serving:
             v = serving[k]
             fields[k] = tuple(v) if isinstance(v, list) else v
@@ -65,6 +65,11 @@ def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig
         # per-exit thresholds of the heads folder no longer line up with new exit layers
         if isinstance(merged.get("threshold"), tuple):
             merged.pop("threshold")
+    if merged.get("kv_fill") != "recompute":
+        # the heads folder's verify_exits needs recompute; a user who picks propagate gets plain exits
+        for k in ("verify_exits", "max_draft_tokens"):
+            if k not in overrides:
+                merged.pop(k, None)
     if "exit_policy" not in merged and merged.get("exit_layers"):
         merged["exit_policy"] = "token"
     if merged.get("exit_policy", "none") != "none" and not merged.get("exit_layers"):

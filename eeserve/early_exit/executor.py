@@ -3,15 +3,19 @@
 One step runs the packed batch layer segment by layer segment. At each exit point e the decode
 rows still in the batch are scored by the confidence measure; the exit policy decides who
 leaves. Leaving rows take their next token from the exit head at e (full vocabulary, computed
-only for them), get their skipped layers' K/V filled (``propagate``) or marked pending
-(``recompute``), and are removed from the batch, which goes on compacted. Prompt rows always run
-all L layers (DESIGN.md section 3).
+only for them; under ``verify_exits`` a classifier's candidate logits, see ``_score``), get
+their skipped layers' K/V filled (``propagate``) or marked pending (``recompute``), and are
+removed from the batch, which goes on compacted. Prompt rows always run all L layers
+(DESIGN.md section 3).
 
 With ``recompute``, a sequence's pending positions (exited earlier at layer e_p) join its next
 pass at layer e_p as extra query rows, attending causally, and so write their real K/V for every
 layer that pass runs; what remains above the pass's depth stays pending (EE-LLM, Chen et al.
 2023, arXiv 2312.04916, section 4.2; DESIGN.md section 3). Attention at layer j reads only
 positions whose K/V at j is real or being written in the same pass.
+
+With ``verify_exits`` the pending rows that reach layer L also go through the final head: their
+full-depth logits verify the tokens their exits produced (``ForwardResult.verify_logits``).
 """
 
 from __future__ import annotations
@@ -64,30 +68,34 @@ class _Group:
         return len(self.positions)
 
 
+_Key = tuple  # ("sample", request id) or ("verify", request id, position)
+
+
 class _StepLogits:
-    """Full-vocabulary logits of the rows that sample, computed once per head matrix at the end of
-    the step: rows leaving at different exit points share one product with the LM head instead of
-    streaming the whole head (113 MB for the default model) once per exit point."""
+    """Full-vocabulary logits of the rows that sample (and of the rows that verify drafts),
+    computed once per head matrix at the end of the step: rows leaving at different exit points
+    share one product with the LM head instead of streaming the whole head (113 MB for the
+    default model) once per exit point."""
 
     def __init__(self) -> None:
-        self.ready: dict[str, torch.Tensor] = {}  # request id -> [V] logits already computed
-        self.todo: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (request id, [H] normed x, [V, H] W)
+        self.ready: dict[_Key, torch.Tensor] = {}  # key -> [V] logits already computed
+        self.todo: list[tuple[_Key, torch.Tensor, torch.Tensor]] = []  # (key, [H] normed x, [V, H] W)
 
-    def add_ready(self, request_id: str, logits: torch.Tensor) -> None:
-        self.ready[request_id] = logits
+    def add_ready(self, key: _Key, logits: torch.Tensor) -> None:
+        self.ready[key] = logits
 
-    def add_normed(self, request_id: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-        self.todo.append((request_id, x, weight))
+    def add_normed(self, key: _Key, x: torch.Tensor, weight: torch.Tensor) -> None:
+        self.todo.append((key, x, weight))
 
-    def compute(self) -> dict[str, torch.Tensor]:
+    def compute(self) -> dict[_Key, torch.Tensor]:
         out = dict(self.ready)
-        by_matrix: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        by_matrix: dict[int, list[tuple[_Key, torch.Tensor, torch.Tensor]]] = {}
         for item in self.todo:
             by_matrix.setdefault(id(item[2]), []).append(item)
         for items in by_matrix.values():
             logits = linear(torch.stack([x for _, x, _ in items]), items[0][2]).float()  # [n, V]
-            for (rid, _, _), row in zip(items, logits):
-                out[rid] = row
+            for (key, _, _), row in zip(items, logits):
+                out[key] = row
         return out
 
 
@@ -141,12 +149,19 @@ class ExitExecutor:
     def _groups(self, inputs: BatchInputs, requests: dict[str, Request]) -> list[_Group]:
         groups = []
         for s, seq in zip(inputs.scheduled, inputs.seqs):
-            ov = requests[s.request_id].sampling_params.early_exit
+            req = requests[s.request_id]
+            ov = req.sampling_params.early_exit
+            # A draft needs a next step to be verified in (not the request's last token), and a
+            # sequence holds at most max_draft_tokens of them.
+            cfg = self.config
+            room = not cfg.verify_exits or (
+                req.num_output_tokens + 1 < req.max_tokens
+                and (not cfg.max_draft_tokens or req.num_draft_tokens < cfg.max_draft_tokens))
             g = _Group(
                 request_id=s.request_id,
                 is_decode=s.is_decode,
                 samples=s.sample,
-                eligible=s.is_decode and (ov is None or ov.enabled),
+                eligible=s.is_decode and (ov is None or ov.enabled) and room,
                 threshold=ov.threshold if ov is not None else None,
                 positions=list(range(s.start_position, s.start_position + s.num_new_tokens)),
                 slots=[],
@@ -199,7 +214,10 @@ class ExitExecutor:
         """Confidence of the candidate decode rows at exit ``e``.
 
         Returns:
-            ([N] scores, [N, V] full logits if they were computed else None, FLOPs per row).
+            ([N] scores, [N, V] logits for the rows that leave, or None, FLOPs per row). The logits
+            are the full vocabulary's when the measure computed them; under ``verify_exits`` a
+            classifier's candidate logits (the K ids its check scored, the rest -inf) serve too:
+            a draft only has to be a good guess, the full model settles the token.
         """
         measure = self.config.confidence
         head = self.heads[e]
@@ -223,7 +241,12 @@ class ExitExecutor:
         if measure == "saturation":
             prev = torch.stack([g.prev_hidden for g in groups])
             return saturation(hc, prev), None, 6.0 * H
-        return head.classifier_prob(hc, self.model), None, head.classifier_flops(H)  # classifier
+        prob, cand = head.classifier_check(hc, self.model)  # classifier
+        drafts = None
+        if cand is not None and self.config.verify_exits:
+            drafts = torch.full((cand.shape[0], self.model.args.vocab_size), float("-inf"), device=cand.device)
+            drafts[:, head.candidate_ids] = cand
+        return prob, drafts, head.classifier_flops(H)
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -269,17 +292,26 @@ class ExitExecutor:
                     break
                 meta = self._meta(groups)
 
-        # Rows that ran all layers: the final head for those that sample.
+        # Rows that ran all layers: the final head for those that sample, and (verify_exits) for
+        # the pending rows, whose full-depth logits verify the drafts their exits produced.
+        verify_keys: dict[str, list[_Key]] = {}
         if groups:
             offsets = self._offsets(groups)
-            final = [(g, off + g.n - 1) for g, off in zip(groups, offsets) if g.samples]
+            final = [(("sample", g.request_id), g, off + g.n - 1) for g, off in zip(groups, offsets) if g.samples]
+            if cfg.verify_exits:
+                for g, off in zip(groups, offsets):
+                    keys = [("verify", g.request_id, p) for p in sorted(g.riding)]
+                    final.extend((k, g, off + g.positions.index(k[2])) for k in keys)
+                    if keys:
+                        verify_keys[g.request_id] = keys
             if final:
-                x = model.final_norm(h[torch.tensor([r for _, r in final], device=h.device)])  # [S', H]
+                x = model.final_norm(h[torch.tensor([r for _, _, r in final], device=h.device)])  # [S', H]
                 stats.head_flops += len(final) * self.full_head_flops
-                for (g, _), row in zip(final, x):
-                    step_logits.add_normed(g.request_id, row, model.lm_head_w)
-                    exit_layer_of[g.request_id] = L
+                for (key, g, _), row in zip(final, x):
+                    step_logits.add_normed(key, row, model.lm_head_w)
                     g.spent += self.full_head_flops
+                    if key[0] == "sample":
+                        exit_layer_of[g.request_id] = L
             for g in groups:
                 for p in g.riding:
                     self.kv_manager.clear_pending(g.request_id, p)
@@ -289,9 +321,10 @@ class ExitExecutor:
 
         order = inputs.sample_request_ids
         rows = step_logits.compute()
-        logits = torch.stack([rows[r] for r in order]) if order else torch.empty(0, model.args.vocab_size)
+        logits = torch.stack([rows[("sample", r)] for r in order]) if order else torch.empty(0, model.args.vocab_size)
         exit_layers = [exit_layer_of[r] for r in order]
-        return ForwardResult(logits, exit_layers, stats, request_flops)
+        verify_logits = {rid: torch.stack([rows[k] for k in keys]) for rid, keys in verify_keys.items()}
+        return ForwardResult(logits, exit_layers, stats, request_flops, verify_logits)
 
     def _account(self, g: _Group, stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> None:
         """Close the FLOP books of a decode row that left (at an exit point or at L)."""
@@ -338,13 +371,13 @@ class ExitExecutor:
         head = self.heads[e]
         if full is not None:
             for g, row in zip(exiting, full[idx]):
-                step_logits.add_ready(g.request_id, row)
+                step_logits.add_ready(("sample", g.request_id), row)
         else:
             head_cost = self.full_head_flops + head.transform_flops(self.model.args.hidden_size)
             stats.head_flops += head_cost * len(exiting)
             weight = head.head_weight(self.model)
             for g, x in zip(exiting, head.normed(self.model, h_exit)):
-                step_logits.add_normed(g.request_id, x, weight)
+                step_logits.add_normed(("sample", g.request_id), x, weight)
                 g.spent += head_cost
         positions = torch.tensor([g.positions[-1] for g in exiting], device=h.device)
         slots = torch.tensor([g.slots[-1] for g in exiting], device=h.device)

@@ -42,6 +42,7 @@ class EngineSnapshot:
         exits: exit layer -> decode tokens that exited there (the last layer = full depth).
         decode_flops, decode_full_flops: FLOPs spent on decode tokens / at full depth.
         num_layers: decoder layers of the model.
+        num_drafts_accepted, num_drafts_rejected: ``verify_exits`` drafts kept / replaced.
     """
 
     num_running: int = 0
@@ -54,6 +55,8 @@ class EngineSnapshot:
     decode_flops: float = 0.0
     decode_full_flops: float = 0.0
     num_layers: int = 0
+    num_drafts_accepted: int = 0
+    num_drafts_rejected: int = 0
 
 
 @dataclass
@@ -301,4 +304,6 @@ class AsyncLLMEngine:
             decode_flops=s.step.decode_flops,
             decode_full_flops=s.step.decode_full_flops,
             num_layers=e.args.num_layers,
+            num_drafts_accepted=e.scheduler.num_drafts_accepted,
+            num_drafts_rejected=e.scheduler.num_drafts_rejected,
         )

@@ -61,7 +61,7 @@ class EngineStats:
 
     Attributes:
         num_prompt_tokens: prompt tokens of admitted requests.
-        num_generation_tokens: tokens sampled.
+        num_generation_tokens: output tokens made final (a draft once verified, ``verify_exits``).
         num_preemptions: preemptions.
         step: FLOP and exit accounting summed over steps.
     """
@@ -254,14 +254,21 @@ class LLMEngine:
             live = {s.request_id: self.scheduler.requests[s.request_id] for s in sched.scheduled}
             result = self.runner.execute(sched, live)
             self._accumulate(result.stats)
+            discarded = self.scheduler.num_rows_discarded
             updated = self.scheduler.update_from_output(sched, result)
-            self.stats.num_generation_tokens += len(result.sampled)
+            # decode rows dropped after a replaced draft (verify_exits) made no token: their
+            # FLOPs stay spent, their full-depth cost is not a token's
+            discarded = self.scheduler.num_rows_discarded - discarded
+            self.stats.step.decode_full_flops -= discarded * (self.args.num_layers * self.args.layer_flops()
+                                                               + self.args.head_flops())
             stopped: list[str] = []
             for req in updated:
                 pid = self._child_to_parent[req.request_id]
                 child = self._child(pid, req.request_id)
                 stop_terminated = req.status == RequestStatus.FINISHED_STOPPED
-                stop_str = child.detok.update([req.output_token_ids[-1]], stop_terminated)
+                new_ids = req.output_token_ids[len(child.detok.token_ids) : req.num_confirmed_tokens]
+                self.stats.num_generation_tokens += len(new_ids)
+                stop_str = child.detok.update(new_ids, stop_terminated)
                 if stop_str is not None and not req.is_finished:
                     req.stop_reason = stop_str
                     stopped.append(req.request_id)
@@ -298,6 +305,7 @@ class LLMEngine:
         spent = full = 0.0
         for i, c in enumerate(parent.children):
             req = c.request
+            n = req.num_confirmed_tokens  # drafts (verify_exits) are shown once verified
             logprobs = None
             cum = None
             if parent.params.logprobs is not None:
@@ -306,22 +314,22 @@ class LLMEngine:
                         **{tid: Logprob(lp, r + 1, self.tokenizer.decode([tid])) for r, (tid, lp) in enumerate(t.top)},
                         t.token_id: Logprob(t.logprob, t.rank, self.tokenizer.decode([t.token_id])),
                     }
-                    for t in req.output_logprobs
+                    for t in req.output_logprobs[:n]
                 ]
-                cum = float(sum(t.logprob for t in req.output_logprobs))
+                cum = float(sum(t.logprob for t in req.output_logprobs[:n]))
             completions.append(
                 CompletionOutput(
                     index=i,
                     text=c.detok.get_next_output_text(req.is_finished, delta=False),
-                    token_ids=list(req.output_token_ids),
+                    token_ids=req.output_token_ids[:n],
                     cumulative_logprob=cum,
                     logprobs=logprobs,
                     finish_reason=req.status.finish_reason,
                     stop_reason=req.stop_reason,
-                    exit_layers=list(req.exit_layers),
+                    exit_layers=req.exit_layers[:n],
                 )
             )
-            all_exits.extend(req.exit_layers)
+            all_exits.extend(req.exit_layers[:n])
             spent += req.flops
             full += req.full_flops
         reqs = [c.request for c in parent.children]

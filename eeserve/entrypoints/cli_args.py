@@ -111,6 +111,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     e.add_argument("--max-exit-batch", type=_int_at_least(0), default=None,
                    help="check exits only in steps with at most this many decode rows; 0 = always "
                         "(default: 1 on CPU with --kv-fill recompute, where larger steps gain nothing, else 0)")
+    e.add_argument("--verify-exits", action=argparse.BooleanOptionalAction, default=None,
+                   help="verify each early-exit token with its full-depth prediction (computed in the next step with "
+                        "--kv-fill recompute) and replace it when they differ: output equal to full depth "
+                        "(default: the model's exit config, else off)")
+    e.add_argument("--max-draft-tokens", type=_int_at_least(0), default=None,
+                   help="with --verify-exits: most unverified early-exit tokens per sequence before a full-depth "
+                        "step verifies them; 0 = no limit (default: the model's exit config, else 0)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -162,7 +169,7 @@ def sampling_params_from_args(a: argparse.Namespace) -> SamplingParams:
 def early_exit_overrides(a: argparse.Namespace) -> dict:
     """The early-exit flags the user set (None ones are left to the model's exit config)."""
     names = ("exit_policy", "exit_layers", "exit_head", "confidence", "threshold", "kv_fill",
-             "exit_heads", "min_exit_layer", "vocab_prune_k", "max_exit_batch")
+             "exit_heads", "min_exit_layer", "vocab_prune_k", "max_exit_batch", "verify_exits", "max_draft_tokens")
     out = {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
     if "threshold" in out and len(out["threshold"]) == 1:
         out["threshold"] = out["threshold"][0]

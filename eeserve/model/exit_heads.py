@@ -207,15 +207,32 @@ class ExitHead(nn.Module):
         Raises:
             ValueError: when the head has no classifier.
         """
+        return self.classifier_check(h, model)[0]
+
+    def classifier_check(self, h: torch.Tensor, model: LlamaModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``classifier_prob`` and the candidate logits it was computed from.
+
+        Returns:
+            ([N] probability, [N, K] float32 logits of ``candidate_ids`` or None without
+            ``classifier_vocab``).
+
+        Raises:
+            ValueError: when the head has no classifier.
+        """
         if self.classifier is None:
             raise ValueError("confidence 'classifier' needs exit heads trained with a classifier (eeserve tune)")
-        return torch.sigmoid(self.classifier(self.classifier_inputs(model, h)).squeeze(-1).float())
+        x, logits = self._classifier_inputs(model, h)
+        return torch.sigmoid(self.classifier(x).squeeze(-1).float()), logits
 
     def classifier_inputs(self, model: LlamaModel, h: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, D] the probe's input (``classifier_inputs_size``), in its dtype: h / rms(h)
         (with ``classifier_hidden_state``), then (with ``classifier_vocab``) the candidate-logit
         statistics."""
+        return self._classifier_inputs(model, h)[0]
+
+    def _classifier_inputs(self, model: LlamaModel, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = []
+        logits = None
         if self.spec.classifier_hidden_state:
             parts.append(h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.eps))
         if self.spec.classifier_vocab:
@@ -226,7 +243,7 @@ class ExitHead(nn.Module):
             parts.append(torch.stack([top2[:, 0], top2[:, 1], ent / 5.0, logits.max(-1).values / 20.0,
                                       torch.logsumexp(logits, -1) / 20.0], dim=-1))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return x.to(next(self.classifier.parameters()).dtype)
+        return x.to(next(self.classifier.parameters()).dtype), logits
 
     def set_candidates(self, ids: torch.Tensor) -> None:
         """Set the K candidate ids ([K] int64) whose logits feed the probe."""

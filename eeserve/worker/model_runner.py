@@ -3,7 +3,7 @@ exit is on), and samples."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,12 +97,15 @@ class ForwardResult:
         exit_layers: per sample row, layers run (L for rows that ran them all).
         stats: FLOP accounting.
         request_flops: request id -> (FLOPs spent, FLOPs at full depth) for decode rows.
+        verify_logits: request id -> [k, V] float32 full-depth logits of its k pending rows, in
+            position order (``verify_exits``): row i predicts the i-th of its k draft tokens.
     """
 
     logits: torch.Tensor
     exit_layers: list[int]
     stats: StepStats
     request_flops: dict[str, tuple[float, float]]
+    verify_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -159,21 +162,53 @@ class ModelRunner:
             result = self.exit_executor.forward(inputs, requests)
         else:
             result = self.full_forward(inputs)
+        L = self.model.args.num_layers
+        verify = self.exit_executor is not None and self.exit_executor.config.verify_exits
         sampled: dict[str, SampledToken] = {}
         if inputs.sample_request_ids:
             reqs = [requests[rid] for rid in inputs.sample_request_ids]
-            meta = SamplingMetadata(
-                params=[r.sampling_params for r in reqs],
-                prompt_token_ids=[r.prompt_token_ids for r in reqs],
-                output_token_ids=[r.output_token_ids for r in reqs],
-                generators=[r.generator for r in reqs],
-                eos_token_ids=[r.eos_token_id for r in reqs],
-            )
-            sout = self.sampler(result.logits, meta)
+            sout = self.sampler(result.logits, _sampling_metadata(reqs, [r.num_output_tokens for r in reqs]))
             ids = sout.token_ids.tolist()
             for i, rid in enumerate(inputs.sample_request_ids):
-                sampled[rid] = SampledToken(ids[i], result.exit_layers[i], sout.logprobs[i])
-        return ModelRunnerOutput(sampled=sampled, stats=result.stats, request_flops=result.request_flops)
+                e = result.exit_layers[i]
+                sampled[rid] = SampledToken(ids[i], e, sout.logprobs[i], draft=verify and e < L)
+        return ModelRunnerOutput(sampled=sampled, stats=result.stats, request_flops=result.request_flops,
+                                 verified=self._verify(result.verify_logits, requests))
+
+    def _verify(self, verify_logits: dict[str, torch.Tensor], requests: dict[str, Request]) -> dict[str, tuple[SampledToken, ...]]:
+        """Sample the full-depth token of every draft position, each row with the sampling state
+        (penalties, min_tokens, its own RNG) that a full-depth step at that position would have
+        had. The scheduler compares them with the drafts."""
+        if not verify_logits:
+            return {}
+        L = self.model.args.num_layers
+        reqs, counts, owners = [], [], []
+        for rid, logits in verify_logits.items():
+            r = requests[rid]
+            k = logits.shape[0]
+            if k != r.num_draft_tokens:
+                raise RuntimeError(f"request {rid!r}: {k} pending rows but {r.num_draft_tokens} draft tokens")
+            first = r.num_output_tokens - k  # index of the first draft token
+            reqs.extend([r] * k)
+            counts.extend(range(first, first + k))
+            owners.extend([rid] * k)
+        sout = self.sampler(torch.cat(list(verify_logits.values())), _sampling_metadata(reqs, counts))
+        out: dict[str, list[SampledToken]] = {}
+        for rid, tid, lp in zip(owners, sout.token_ids.tolist(), sout.logprobs):
+            out.setdefault(rid, []).append(SampledToken(tid, L, lp))
+        return {rid: tuple(v) for rid, v in out.items()}
+
+
+def _sampling_metadata(reqs: list[Request], num_outputs: list[int]) -> SamplingMetadata:
+    """Sampler inputs for one row per entry: ``reqs[i]`` with its first ``num_outputs[i]`` output
+    tokens as the history (penalties, min_tokens)."""
+    return SamplingMetadata(
+        params=[r.sampling_params for r in reqs],
+        prompt_token_ids=[r.prompt_token_ids for r in reqs],
+        output_token_ids=[r.output_token_ids[:n] for r, n in zip(reqs, num_outputs)],
+        generators=[r.generator for r in reqs],
+        eos_token_ids=[r.eos_token_id for r in reqs],
+    )
 
 
 def logits_for_prompt(

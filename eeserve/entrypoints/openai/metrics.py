@@ -70,6 +70,10 @@ class _EngineCollector(Collector):
         )
         ratio = 1.0 - s.decode_flops / s.decode_full_flops if s.decode_full_flops > 0 else 0.0
         yield gauge("flops_saved_ratio", "Share of decode FLOPs saved by early exit since start.", ratio)
+        yield counter("draft_tokens_accepted", "verify_exits: early-exit tokens the full model agreed with.",
+                      s.num_drafts_accepted)
+        yield counter("draft_tokens_rejected", "verify_exits: early-exit tokens replaced by the full model's.",
+                      s.num_drafts_rejected)
 
 
 class ServerMetrics:
