@@ -70,6 +70,8 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
         (["--max-num-seqs", "0"], ["--max-num-seqs", "max_num_seqs"]),
         (["--exit-heads", "/nonexistent/heads"], ["--exit-heads", "exit_config.json"]),
         (["--max-exit-batch", "-1"], ["--max-exit-batch", ">= 0"]),
+        (["--verify-exits", "--kv-fill", "propagate"], ["--verify-exits", "kv_fill", "recompute"]),
+        (["--max-draft-tokens", "-2"], ["--max-draft-tokens", ">= 0"]),
     ],
 )
 def test_bad_flag_values(capsys, flags, needles):
@@ -94,6 +96,10 @@ def test_bad_flag_values(capsys, flags, needles):
         (["calibrate", "--exit-heads", "HEADS", "--delta", "0"], ["--delta", "(0.0, 1.0)"]),
         (["calibrate", "--exit-heads", "/nonexistent"], ["--exit-heads", "exit_config.json"]),
         (["calibrate", "--exit-heads", "HEADS", "--cache", "FILE"], ["--cache", "is a file"]),
+        (["calibrate", "--exit-heads", "HEADS", "--verify-exits", "--kv-fill", "propagate"],
+         ["--verify-exits", "--kv-fill recompute"]),
+        (["calibrate", "--exit-heads", "HEADS", "--verify-exits", "--no-verify"], ["--verify-exits", "--no-verify"]),
+        (["calibrate", "--exit-heads", "HEADS", "--max-draft-tokens", "-1"], ["--max-draft-tokens", ">= 0"]),
         (["eval-exits", "--num-prompts", "0"], ["--num-prompts", ">= 1"]),
     ],
 )

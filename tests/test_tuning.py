@@ -324,6 +324,39 @@ def test_enabled_exits_and_expected_flops(tiny):
     assert flops == pytest.approx(2.0 * a.layer_flops() + a.head_flops() + a.head_flops() * 0.5)
 
 
+def test_simulate_verified_hand_computed():
+    # One answer: a prompt row, five decode rows, a row beyond the answer. Exit 4 fires (>= 0.5)
+    # on decode rows 1, 2, 4, 5; row 2's draft is wrong. Walk: 1 drafts, 2 drafts, 3 runs all
+    # layers carrying 1 (free) and 2 (a ride) and verifies: 1 kept, 2 replaced, generation
+    # resumes at 3, which runs all layers; 4 drafts; 5, the last token, may not draft: runs all
+    # layers, carries 4 (free), keeps it.
+    conf = torch.tensor([[0.9], [0.9], [0.9], [0.1], [0.9], [0.9], [0.9]])
+    correct = torch.tensor([[True], [True], [False], [True], [True], [True], [True]])
+    seq = torch.zeros(7, dtype=torch.long)
+    costs = calibrate.StepCosts(draft=(0.3,), ride=(0.5,), full=1.0)
+    out = calibrate.simulate_verified(conf, correct, seq, (0.5,), (4,), 30, costs)
+    assert out.cost == pytest.approx((0.3 + 0.3 + (1 + 0.5) + 1 + 0.3 + 1) / 5)
+    assert out.kept == pytest.approx(2 / 5) and out.replaced == pytest.approx(1 / 5)
+    assert out.mean_layers == pytest.approx((3 * 30 + 2 * 4) / 5)
+    # At most one draft: 1 drafts, 2 runs all layers (keeps 1), 3 runs all layers, 4 drafts, 5
+    # runs all layers (keeps 4). Row 2's wrong draft is never made.
+    one = calibrate.simulate_verified(conf, correct, seq, (0.5,), (4,), 30, costs, max_draft_tokens=1)
+    assert one.cost == pytest.approx((0.3 + 1 + 1 + 0.3 + 1) / 5)
+    assert (one.kept, one.replaced) == (pytest.approx(2 / 5), 0.0)
+    never = calibrate.simulate_verified(conf, correct, seq, (calibrate.NEVER,), (4,), 30, costs)
+    assert (never.cost, never.kept, never.mean_layers) == (1.0, 0.0, 30.0)
+
+
+def test_verified_step_costs(tiny):
+    a = tiny.args
+    full = a.num_layers * a.layer_flops() + a.head_flops()
+    c = calibrate.verified_step_costs(a, (1, 2), (0.5, calibrate.NEVER), 10.0, (100.0, 200.0))
+    assert c.draft == pytest.approx([(a.layer_flops() + 10 + 100) / full, (2 * a.layer_flops() + 10 + 200) / full])
+    assert c.ride == pytest.approx([((a.num_layers - 1) * a.layer_flops() + a.head_flops()) / full,
+                                    ((a.num_layers - 2) * a.layer_flops() + a.head_flops()) / full])
+    assert c.full == pytest.approx((full + 10) / full)
+
+
 def test_serving_exit_subset_from_heads_folder(tiny, tmp_path):
     from eeserve.early_exit.defaults import resolve_early_exit
 

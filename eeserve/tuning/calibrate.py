@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 NEVER = 2.0  # a probability threshold that no confidence reaches
+TIME_TOLERANCE = 0.01  # --verify-exits: modeled times this close to the least count as equal
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,120 @@ def simulate(conf: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[flo
     ok = ok_ext[torch.arange(n), first]
     share = torch.bincount(first, minlength=x + 1).float() / max(1, n)
     return Outcome(float(ok.float().mean()), float(layers.mean()), tuple(share.tolist()))
+
+
+@dataclass(frozen=True)
+class VerifiedOutcome:
+    """What a threshold setting does under ``verify_exits`` (output always equal to full depth).
+
+    Attributes:
+        kept: share of decode tokens that were drafts and are kept (their exit layer counts).
+        replaced: drafts replaced by the full-depth token, per decode token.
+        mean_layers: mean exit layer per decode token (kept drafts at their exit, others at L).
+        cost: modeled time per decode token, in full-depth steps (``verified_step_costs``).
+    """
+
+    kept: float
+    replaced: float
+    mean_layers: float
+    cost: float
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.cost if self.cost > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Costs under ``verify_exits``, in full-depth steps (L layers + the LM head), counted in FLOPs.
+
+    Attributes:
+        draft: [X] a step whose row drafts at exit i (its layers, the checks passed, the draft head).
+        ride: [X] a pending row from exit i riding a later step (layers i..L and the verifying head).
+        full: a step whose row runs all layers (with the checks of every enabled exit).
+    """
+
+    draft: tuple[float, ...]
+    ride: tuple[float, ...]
+    full: float
+
+
+def verified_step_costs(args, exit_layers: Sequence[int], thresholds: Sequence[float], check_flops: float,
+                        exit_head_flops: Sequence[float]) -> StepCosts:
+    """FLOP costs of the steps of one sequence under ``verify_exits`` (``StepCosts``). FLOPs
+    stand for time at one sequence, where a step reads every weight once. Checks run at every
+    enabled exit point a row passes. (``simulate_verified`` lets the first riding row go free.)
+    """
+    full = args.num_layers * args.layer_flops() + args.head_flops()
+    checks, drafts, rides = 0.0, [], []
+    for e, t, head in zip(exit_layers, thresholds, exit_head_flops):
+        if t < NEVER:
+            checks += check_flops
+        drafts.append((e * args.layer_flops() + checks + head) / full)
+        rides.append(((args.num_layers - e) * args.layer_flops() + args.head_flops()) / full)
+    return StepCosts(tuple(drafts), tuple(rides), (full + checks) / full)
+
+
+def simulate_verified(conf: torch.Tensor, correct: torch.Tensor, seq: torch.Tensor, thresholds: Sequence[float],
+                      exit_layers: Sequence[int], num_layers: int, costs: StepCosts,
+                      max_draft_tokens: int = 0) -> VerifiedOutcome:
+    """Replay ``verify_exits`` greedy generation over scored full-depth answers.
+
+    Under verification the output is the full-depth answer, so its teacher-forced scores are what
+    each row sees, except rows computed after a wrong draft (discarded later), for which the
+    scores of the same position stand in. Per answer, rows run in order: a row whose confidence
+    reaches its threshold at exit i drafts (``costs.draft[i]``) and the next row follows it,
+    unless the sequence already holds ``max_draft_tokens`` drafts (0 = no limit) or it is the
+    answer's last token (the engine drafts neither). A row that runs all layers (``costs.full``,
+    plus ``costs.ride`` for each pending draft carried along but the first, which rides free: a
+    CPU step pads one row to two, a GPU step at batch 1 is bound by reading the weights) verifies
+    the drafts before it: they are kept up to the first wrong one, which is replaced, and
+    generation resumes after it. Measured on the development CPU (docs/benchmarks.md), chains of
+    more than one draft cost more than this model says; ``max_draft_tokens`` 1 avoids them.
+
+    Args:
+        conf, correct: [N, X] per loss row and exit point, rows of one answer contiguous and in
+            order (``score_windows``); the first row of an answer (the prompt's last position)
+            and its last row (beyond the answer) are not decode rows and are skipped.
+        seq: [N] answer index of each row.
+        thresholds: X values.
+        costs: from ``verified_step_costs``.
+    """
+    thr = torch.tensor(list(thresholds), dtype=conf.dtype)
+    fire = conf >= thr[None, :]  # [N, X]
+    first = torch.where(fire.any(1), fire.float().argmax(1), torch.full((conf.shape[0],), -1)).tolist()
+    ok = correct.bool().tolist()
+    bounds = torch.unique_consecutive(seq, return_counts=True)[1].tolist()
+    kept = replaced = tokens = 0
+    layers = cost = 0.0
+    start = 0
+    for n in bounds:
+        rows = list(range(start + 1, start + n - 1))  # decode rows of this answer
+        start += n
+        t, chain = 0, []  # chain: (index in rows, exit index) of drafts awaiting verification
+        while t < len(rows):
+            room = t < len(rows) - 1 and (not max_draft_tokens or len(chain) < max_draft_tokens)
+            x = first[rows[t]] if room else -1
+            if x >= 0:
+                cost += costs.draft[x]
+                chain.append((t, x))
+                t += 1
+                continue
+            cost += costs.full + sum(costs.ride[xi] for _, xi in chain[1:])
+            bad = next((k for k, (i, xi) in enumerate(chain) if not ok[rows[i]][xi]), None)
+            good = chain if bad is None else chain[:bad]
+            kept += len(good)
+            layers += sum(exit_layers[xi] - num_layers for _, xi in good)
+            if bad is None:
+                t += 1
+            else:
+                replaced += 1
+                t = chain[bad][0] + 1
+            chain = []
+        tokens += len(rows)
+        layers += len(rows) * num_layers
+    d = max(1, tokens)
+    return VerifiedOutcome(kept / d, replaced / d, layers / d, cost / d)
 
 
 def _ladder(values: torch.Tensor, steps: int) -> list[float]:
@@ -327,6 +442,8 @@ def run_calibration(args) -> int:
         measures = [m for m in measures if m != "classifier"] or ["softmax"]
     full_flops = L * margs.layer_flops() + margs.head_flops()
     clf_flops = heads[exits[0]].classifier_flops(margs.hidden_size)
+    if getattr(args, "verify_exits", False):
+        return _calibrate_verified(args, llm, heads, scores, measures, folder, t0)
     target = args.target_agreement
     by_generation = not args.no_verify
     rows = []
@@ -395,15 +512,78 @@ def run_calibration(args) -> int:
     return 0
 
 
+def _calibrate_verified(args, llm, heads, scores, measures: Sequence[str], folder: Path, t0: float) -> int:
+    """``eeserve calibrate --verify-exits``: under ``verify_exits`` the output is the full model's
+    whatever the thresholds, so they only trade drafts kept against drafts replaced. Along the
+    global path, ``simulate_verified`` replays generation on the calibration answers; the highest
+    threshold whose modeled time per token is within ``TIME_TOLERANCE`` of the least is kept (the
+    time curve is flat near its minimum, while FLOPs spent on replaced drafts keep growing), and
+    checked by generation on test prompts."""
+    import json
+
+    margs = llm.engine.args
+    exits, L, H = heads.exit_layers, margs.num_layers, margs.hidden_size
+    best = None
+    print("| confidence | threshold | drafts kept | drafts replaced | mean layers | modeled speed-up |")
+    print("|---|---|---|---|---|---|")
+    for m in measures:
+        conf = scores.classifier if m == "classifier" else scores.softmax
+        check = heads[exits[0]].classifier_flops(H) if m == "classifier" else margs.head_flops()
+        # a draft's logits: the classifier's candidate logits (computed by the check) or a full head
+        free = m == "classifier" and heads.spec.classifier_vocab > 0
+        exit_head = [0.0 if free else margs.head_flops() + heads[e].transform_flops(H) for e in exits]
+        path = global_path(conf, args.ladder_steps)
+        outs = []
+        for thr in path:
+            costs = verified_step_costs(margs, exits, thr, check, exit_head)
+            outs.append(simulate_verified(conf, scores.correct, scores.seq, thr, exits, L, costs,
+                                          args.max_draft_tokens))
+        # the first setting along the path (the highest threshold: fewest drafts replaced, fewest
+        # FLOPs) whose modeled time is within TIME_TOLERANCE of the least
+        least = min(o.cost for o in outs)
+        i = next(k for k, o in enumerate(outs) if o.cost <= least * (1 + TIME_TOLERANCE))
+        for k in sorted({*range(0, len(path), max(1, len(path) // 8)), i}):
+            o = outs[k]
+            mark = " (chosen)" if k == i else ""
+            print(f"| {m} | {_fmt(path[k])}{mark} | {o.kept:.3f} | {o.replaced:.3f} | {o.mean_layers:.2f} | "
+                  f"{o.speedup:.3f}x |")
+        if best is None or outs[i].cost < best[2].cost:
+            best = (m, path[i], outs[i])
+    m, thr, o = best
+    result = {"verify_exits": True, "method": f"highest threshold within {TIME_TOLERANCE:.0%} of the least modeled "
+                                               "time per token (calibrate.simulate_verified)",
+              "calib_tokens": int(scores.correct.shape[0]), "confidence": m,
+              "modeled": {"drafts_kept": round(o.kept, 4), "drafts_replaced": round(o.replaced, 4),
+                          "mean_layers": round(o.mean_layers, 3), "speedup": round(o.speedup, 3)}}
+    serving = _serving(thr, exits, m, "recompute", verify_exits=True)
+    if args.max_draft_tokens:
+        serving["max_draft_tokens"] = args.max_draft_tokens
+    result.update(verify(args, folder, serving, llm))
+    print(json.dumps(result, indent=2))
+    if not args.dry_run:
+        cfg_path = folder / "exit_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["serving"] = serving
+        cfg["calibration"] = result
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        print(f"wrote thresholds into {cfg_path}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def _fmt(thresholds: Sequence[float]) -> str:
     return ", ".join("-" if t >= NEVER else f"{t:.3f}" for t in thresholds)
 
 
-def _serving(thresholds: Sequence[float], exit_layers: Sequence[int], confidence: str, kv_fill: str) -> dict:
+def _serving(thresholds: Sequence[float], exit_layers: Sequence[int], confidence: str, kv_fill: str,
+             verify_exits: bool = False) -> dict:
     """The ``serving`` part of exit_config.json for a setting (only its enabled exits)."""
     used, used_thr = enabled_exits(thresholds, exit_layers)
-    return {"exit_layers": used, "exit_policy": "token", "confidence": confidence, "threshold": used_thr,
-            "kv_fill": kv_fill, "min_exit_layer": used[0]}
+    out = {"exit_layers": used, "exit_policy": "token", "confidence": confidence, "threshold": used_thr,
+           "kv_fill": kv_fill, "min_exit_layer": used[0]}
+    if verify_exits:
+        out["verify_exits"] = True
+    return out
 
 
 def token_agreement(model, prompts: Sequence[list[int]], outputs: Sequence[list[int]]) -> tuple[int, int]:

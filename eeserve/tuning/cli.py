@@ -81,6 +81,12 @@ def add_commands(sub) -> None:
                    help="candidate thresholds per exit on the per-exit path (default 200)")
     c.add_argument("--no-verify", action="store_true",
                    help="no generation: choose on teacher-forced scores alone (split in halves, bound on one)")
+    c.add_argument("--verify-exits", action="store_true",
+                   help="serve with verify_exits (output equal to full depth): choose the threshold with the least "
+                        "modeled time per token instead of one for --target-agreement; needs --kv-fill recompute")
+    c.add_argument("--max-draft-tokens", type=_NON_NEGATIVE, default=1,
+                   help="with --verify-exits: most unverified drafts per sequence, modeled and written into the "
+                        "serving settings; 0 = no limit (default 1)")
     c.add_argument("--cache", default=None, help="folder to cache the full-depth answers in (default: none)")
     c.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     c.set_defaults(func=cmd_calibrate)
@@ -229,6 +235,12 @@ def cmd_calibrate(args) -> int:
     from eeserve.tuning.calibrate import run_calibration
 
     check_folders(args)
+    if args.verify_exits and args.kv_fill != "recompute":
+        raise ValueError(f"--verify-exits needs --kv-fill recompute (exits are verified by the deferred pass over "
+                         f"their skipped layers), got --kv-fill {args.kv_fill}")
+    if args.verify_exits and args.no_verify:
+        raise ValueError("--verify-exits chooses by a cost model and checks on test prompts; it cannot be combined "
+                         "with --no-verify")
     return run_calibration(args)
 
 
