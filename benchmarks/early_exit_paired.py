@@ -7,6 +7,8 @@ order that rotates from round to round:
 
 - ``none``: full depth (``exit_policy`` none);
 - ``early exit``: the heads and serving setting shipped for the model (or ``--exit-heads``);
+  with ``--setting`` (repeatable), one early-exit arm per setting instead, each the shipped
+  setting with some fields changed;
 - ``none (again)``: full depth once more, the A/A control: its ratio to ``none`` is the noise
   floor of the method, and should come out near 1.00.
 
@@ -17,6 +19,8 @@ model), mean layers per decode token and the FLOPs ratio. A PNG shows every roun
 
     python benchmarks/early_exit_paired.py                          # concurrency 1 and 8
     python benchmarks/early_exit_paired.py --concurrency 8 --rounds 10
+    python benchmarks/early_exit_paired.py --concurrency 1 --setting verify_exits=false \
+        --setting verify_exits=true,threshold=0.45
 """
 
 from __future__ import annotations
@@ -31,21 +35,51 @@ import torch
 from common import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("none", "early exit", "none (again)")
+NONE, CONTROL = "none", "none (again)"
+
+
+@dataclass
+class Quality:
+    """An early-exit arm's outputs over all rounds of one concurrency."""
+
+    agreement: float  # token agreement (DESIGN.md), teacher-forced through the full model
+    mean_layers: float  # mean exit layer of decode tokens (the first token, from the prefill, left out)
+    flops_ratio: float  # mean per request of FLOPs spent / FLOPs at full depth
 
 
 @dataclass
 class PairedResult:
-    """Per concurrency: per-round tokens/s of each arm and the early-exit arm's quality figures."""
+    """Per concurrency: per-round tokens/s of each arm and the early-exit arms' quality figures."""
 
     concurrency: int
     rates: dict[str, list[float]]  # arm -> [rounds] output tokens/s
-    agreement: float
-    mean_layers: float
-    flops_ratio: float
+    quality: dict[str, Quality]  # early-exit arm -> its quality figures
 
     def ratios(self, arm: str) -> list[float]:
-        return [a / b for a, b in zip(self.rates[arm], self.rates["none"])]
+        return [a / b for a, b in zip(self.rates[arm], self.rates[NONE])]
+
+
+def parse_setting(text: str) -> dict:
+    """``key=value,key=value`` of EarlyExitConfig fields; values parsed as bool, int, float or
+    comma-free text. Raises ValueError naming the bad part."""
+    out: dict = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--setting: expected key=value pairs separated by commas, got {part!r} in {text!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -62,6 +96,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="rounds per concurrency (default 15)")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per request, EOS ignored (default 128)")
     ap.add_argument("--max-exit-batch", type=int, default=None, help="early-exit arm's max_exit_batch (default: the engine's, 1 on CPU with recompute; 0 = check always)")
+    ap.add_argument("--setting", action="append", default=[],
+                    help="an early-exit arm: the shipped setting with these EarlyExitConfig fields changed, "
+                         "e.g. verify_exits=true,threshold=0.45 (repeatable; default: one arm, the shipped setting)")
     ap.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = ap.parse_args()
     try:
@@ -85,59 +122,71 @@ def main() -> None:
     over = {} if args.exit_heads is None else {"exit_heads": args.exit_heads}
     if args.max_exit_batch is not None:
         over["max_exit_batch"] = args.max_exit_batch
-    ee_cfg = resolve_early_exit(args.model, over)
-    if ee_cfg.exit_heads is None:
+    try:
+        arms_cfg = {text: resolve_early_exit(args.model, {**over, **parse_setting(text)}) for text in args.setting}
+        if not arms_cfg:
+            arms_cfg = {"early exit": resolve_early_exit(args.model, over)}
+    except ValueError as e:
+        ap.error(str(e))
+    if any(c.exit_heads is None for c in arms_cfg.values()):
         raise SystemExit(f"--model {args.model}: no tuned exit heads shipped; pass --exit-heads DIR")
     full_cfg = resolve_early_exit(args.model, {"exit_heads": "none"})
     llm = LLM(args.model, max_num_seqs=max(concs), early_exit={"exit_heads": "none"})
     prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    ee_cfg = next(iter(arms_cfg.values()))
     desc = (f"{Path(ee_cfg.exit_heads).name}: exits {list(ee_cfg.exit_layers)}, {ee_cfg.confidence} "
             f"{list(ee_cfg.threshold) if isinstance(ee_cfg.threshold, tuple) else ee_cfg.threshold}, "
             f"{ee_cfg.exit_policy} policy, {ee_cfg.kv_fill}"
-            + f", max_exit_batch {ee_cfg.exit_batch_limit(llm.engine.model.device.type)}")
+            + f", max_exit_batch {ee_cfg.exit_batch_limit(llm.engine.model.device.type)}"
+            + f", verify_exits {ee_cfg.verify_exits}")
     print(desc, flush=True)
+    arms = (NONE, *arms_cfg, CONTROL)
 
     results = []
     for conc in concs:
-        rates: dict[str, list[float]] = {a: [] for a in ARMS}
-        agree = total = 0
-        layers, flops = [], []
+        rates: dict[str, list[float]] = {a: [] for a in arms}
+        counts = {a: [0, 0] for a in arms_cfg}  # arm -> [agreeing tokens, tokens]
+        layers: dict[str, list[int]] = {a: [] for a in arms_cfg}
+        flops: dict[str, list[float]] = {a: [] for a in arms_cfg}
         for r in range(args.rounds):
             group = [prompts[(r * conc + i) % len(prompts)] for i in range(conc)]
-            order = ARMS[r % 3:] + ARMS[: r % 3]
-            for arm in order:
-                llm.engine.set_early_exit(ee_cfg if arm == "early exit" else full_cfg)
+            k = r % len(arms)
+            for arm in arms[k:] + arms[:k]:
+                llm.engine.set_early_exit(arms_cfg.get(arm, full_cfg))
                 t = time.perf_counter()
                 outs = llm.generate(group, params, use_tqdm=False)
                 dt = time.perf_counter() - t
                 rates[arm].append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
-                if arm == "early exit":
+                if arm in arms_cfg:
                     a, n = token_agreement(llm.engine.model, group, [list(o.outputs[0].token_ids) for o in outs])
-                    agree, total = agree + a, total + n
-                    layers += [e for o in outs for e in o.outputs[0].exit_layers[1:]]
-                    flops += [o.metrics.flops_ratio for o in outs]
+                    counts[arm][0] += a
+                    counts[arm][1] += n
+                    layers[arm] += [e for o in outs for e in o.outputs[0].exit_layers[1:]]
+                    flops[arm] += [o.metrics.flops_ratio for o in outs]
             print(f"conc {conc} round {r + 1}/{args.rounds}: "
-                  + ", ".join(f"{a} {rates[a][-1]:.1f}" for a in ARMS) + " tok/s", flush=True)
+                  + ", ".join(f"{a} {rates[a][-1]:.1f}" for a in arms) + " tok/s", flush=True)
         llm.engine.set_early_exit(full_cfg)
-        results.append(PairedResult(conc, rates, agree / max(total, 1), statistics.mean(layers),
-                                    statistics.mean(flops)))
+        quality = {a: Quality(counts[a][0] / max(counts[a][1], 1), statistics.mean(layers[a]), statistics.mean(flops[a]))
+                   for a in arms_cfg}
+        results.append(PairedResult(conc, rates, quality))
 
     lines = [f"Early exit: {desc}; {args.new_tokens} greedy tokens per request; {args.rounds} rounds per "
              "concurrency, arms in rotating order.", "",
-             "| conc | none tok/s (median) | early exit tok/s (median) | speed-up, median of rounds [IQR] | "
-             "rounds faster | A/A control [IQR] | mean layers | FLOPs ratio | token agreement |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| conc | arm | tok/s (median) | speed-up vs none, median of rounds [IQR] | "
+             "rounds faster | mean layers | FLOPs ratio | token agreement |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for res in results:
-        ee, aa = res.ratios("early exit"), res.ratios("none (again)")
-        q_ee, q_aa = quartiles(ee), quartiles(aa)
-        faster = sum(x > 1 for x in ee)
-        lines.append(f"| {res.concurrency} | {statistics.median(res.rates['none']):.1f} | "
-                     f"{statistics.median(res.rates['early exit']):.1f} | "
-                     f"{q_ee[1]:.3f}x [{q_ee[0]:.3f}, {q_ee[2]:.3f}] | {faster}/{len(ee)} | "
-                     f"{q_aa[1]:.3f}x [{q_aa[0]:.3f}, {q_aa[2]:.3f}] | {res.mean_layers:.2f} | "
-                     f"{res.flops_ratio:.2f} | {res.agreement:.3f} |")
+        lines.append(f"| {res.concurrency} | none | {statistics.median(res.rates[NONE]):.1f} | | | 30 | 1.00 | 1.000 |")
+        for arm in (*arms_cfg, CONTROL):
+            x = res.ratios(arm)
+            q = quartiles(x)
+            qual = res.quality.get(arm)
+            figures = (f"{qual.mean_layers:.2f} | {qual.flops_ratio:.2f} | {qual.agreement:.3f}" if qual
+                       else "30 | 1.00 | 1.000 (A/A control)")
+            lines.append(f"| {res.concurrency} | {arm} | {statistics.median(res.rates[arm]):.1f} | "
+                         f"{q[1]:.3f}x [{q[0]:.3f}, {q[2]:.3f}] | {sum(v > 1 for v in x)}/{len(x)} | {figures} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out_dir)
@@ -151,17 +200,20 @@ def plot(results: list[PairedResult], path: Path, desc: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    arms = [a for a in results[0].rates if a != NONE]
+    fig, axes = plt.subplots(1, len(results), figsize=(max(5.5, 2 + 1.9 * len(arms)) * len(results), 4), squeeze=False)
     for ax, res in zip(axes[0], results):
-        data = [res.ratios("early exit"), res.ratios("none (again)")]
+        data = [res.ratios(a) for a in arms]
         ax.boxplot(data, showfliers=False)
         for i, ys in enumerate(data, start=1):
             ax.scatter([i + (j % 5 - 2) * 0.03 for j in range(len(ys))], ys, s=12, alpha=0.7)
-        ax.set_xticks([1, 2], ["early exit / none", "none again / none\n(A/A control)"])
+        labels = [f"{a} / none" + (f"\nagreement {res.quality[a].agreement:.3f}, {res.quality[a].mean_layers:.1f} layers"
+                                    if a in res.quality else "\n(A/A control)") for a in arms]
+        ax.set_xticks(range(1, len(arms) + 1), [lab.replace(",", ",\n", 1) if len(lab) > 40 else lab for lab in labels],
+                      fontsize=7)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_ylabel("tokens/s ratio within a round")
-        ax.set_title(f"concurrency {res.concurrency}: agreement {res.agreement:.3f}, "
-                     f"{res.mean_layers:.1f} layers", fontsize=9)
+        ax.set_title(f"concurrency {res.concurrency}", fontsize=9)
     fig.suptitle(desc, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
