@@ -468,7 +468,11 @@ def test_max_draft_tokens_limits_unverified_drafts(hf_model):
         assert_same_or_near_tie(hf_model, llm.tokenizer.encode(p), r, got, f"max_draft_tokens 1 {p!r}")
     with pytest.raises(ValueError, match="max_draft_tokens must be an integer >= 0"):
         resolve_early_exit("smollm2-135m", dict(exit_heads="none", max_draft_tokens=-1))
-
+    # the shipped setting verifies; choosing propagate over it gives plain exits, not an error
+    assert resolve_early_exit("smollm2-135m", {}).verify_exits
+    assert not resolve_early_exit("smollm2-135m", dict(kv_fill="propagate")).verify_exits
+    with pytest.raises(ValueError, match="verify_exits must be used with kv_fill 'recompute'"):
+        resolve_early_exit("smollm2-135m", dict(kv_fill="propagate", verify_exits=True))
     assert_no_leak(llm)
 
 

@@ -95,6 +95,11 @@ def _print_output(llm, out, show_exits: bool, as_json: bool) -> None:
         m = out.metrics
         ratio = f", FLOPs {100 * m.flops_ratio:.0f}% of full depth" if m.flops_ratio is not None else ""
         print(f"-- mean layers per token {m.mean_layers_per_token:.1f} of {llm.engine.args.num_layers}{ratio}")
+        ee = llm.engine.config.early_exit
+        if ee.enabled and ee.verify_exits:
+            sched = llm.engine.scheduler
+            print(f"-- exits verified at full depth (output equals the full model's): "
+                  f"{sched.num_drafts_accepted} kept, {sched.num_drafts_rejected} replaced so far")
 
 
 def _build_llm(args):
