@@ -415,7 +415,6 @@ def generation_test(settings: Sequence[tuple[float, ...]], run, target: float,
 def run_calibration(args) -> int:
     """``eeserve calibrate``: score, choose along a path by generation, check on test prompts,
     write exit_config.json."""
-    import json
 
     from eeserve.model import loader
     from eeserve.model.exit_heads import ExitHeads
@@ -500,16 +499,7 @@ def run_calibration(args) -> int:
         if result["generation_agreement"] < target:
             print(f"note: on the test prompts agreement is {result['generation_agreement']:.4f}, below the target "
                   f"{target}: the bound is a margin over calibration prompts, not a guarantee")
-    print(json.dumps(result, indent=2))
-    if not args.dry_run:
-        cfg_path = folder / "exit_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["serving"] = serving
-        cfg["calibration"] = result
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-        print(f"wrote thresholds into {cfg_path}")
-    print(f"({time.perf_counter() - t0:.0f} s)")
-    return 0
+    return _finish(args, folder, serving, result, t0)
 
 
 def _calibrate_verified(args, llm, heads, scores, measures: Sequence[str], folder: Path, t0: float) -> int:
@@ -519,7 +509,6 @@ def _calibrate_verified(args, llm, heads, scores, measures: Sequence[str], folde
     threshold whose modeled time per token is within ``TIME_TOLERANCE`` of the least is kept (the
     time curve is flat near its minimum, while FLOPs spent on replaced drafts keep growing), and
     checked by generation on test prompts."""
-    import json
 
     margs = llm.engine.args
     exits, L, H = heads.exit_layers, margs.num_layers, margs.hidden_size
@@ -559,6 +548,14 @@ def _calibrate_verified(args, llm, heads, scores, measures: Sequence[str], folde
     if args.max_draft_tokens:
         serving["max_draft_tokens"] = args.max_draft_tokens
     result.update(verify(args, folder, serving, llm))
+    return _finish(args, folder, serving, result, t0)
+
+
+def _finish(args, folder: Path, serving: dict, result: dict, t0: float) -> int:
+    """Print the result; unless ``--dry-run``, write ``serving`` and ``result`` (as
+    ``calibration``) into the heads folder's exit_config.json."""
+    import json
+
     print(json.dumps(result, indent=2))
     if not args.dry_run:
         cfg_path = folder / "exit_config.json"

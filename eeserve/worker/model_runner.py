@@ -205,7 +205,8 @@ def _sampling_metadata(reqs: list[Request], num_outputs: list[int]) -> SamplingM
     return SamplingMetadata(
         params=[r.sampling_params for r in reqs],
         prompt_token_ids=[r.prompt_token_ids for r in reqs],
-        output_token_ids=[r.output_token_ids[:n] for r, n in zip(reqs, num_outputs)],
+        output_token_ids=[r.output_token_ids if n == len(r.output_token_ids) else r.output_token_ids[:n]
+                          for r, n in zip(reqs, num_outputs)],
         generators=[r.generator for r in reqs],
         eos_token_ids=[r.eos_token_id for r in reqs],
     )
