@@ -143,7 +143,7 @@ class EarlyExitConfig:
         max_draft_tokens: with ``verify_exits``, the most unverified drafts a sequence may hold: a
             row whose sequence holds this many runs all layers and verifies them. A long chain
             costs more when its first draft is wrong (every row after it is discarded, and the
-            pending rows ride the verifying step). 0 = no limit.
+            pending rows ride the verifying step; docs/benchmarks.md). 0 = no limit.
     """
 
     exit_policy: str = "none"
@@ -157,7 +157,7 @@ class EarlyExitConfig:
     vocab_prune_k: int = 0
     max_exit_batch: int | None = None
     verify_exits: bool = False
-    max_draft_tokens: int = 0
+    max_draft_tokens: int = 1
 
     def __post_init__(self) -> None:
         _require(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {', '.join(EXIT_POLICIES)}", self.exit_policy)
@@ -180,7 +180,8 @@ class EarlyExitConfig:
             _require(len(layers) > 0, "threshold", "one number when no exit_layers are given", self.threshold)
             _require(
                 len(self.threshold) == len(layers),
-                "threshold", f"one number or {len(layers)} numbers (one per exit layer)", self.threshold,
+                "threshold", f"one number or {len(layers)} numbers (one per exit layer)" if len(layers) > 1
+                else "one number (there is one exit layer)", self.threshold,
             )
         _require(self.min_exit_layer >= 1, "min_exit_layer", "an integer >= 1", self.min_exit_layer)
         _require(self.vocab_prune_k >= 0, "vocab_prune_k", "an integer >= 0", self.vocab_prune_k)
@@ -193,7 +194,7 @@ class EarlyExitConfig:
         if self.verify_exits and self.kv_fill != "recompute":
             raise ValueError(
                 f"verify_exits must be used with kv_fill 'recompute' (an exit is verified by the deferred pass "
-                f"over its skipped layers), got kv_fill {self.kv_fill!r}"
+                f"over its skipped layers), got kv_fill {self.kv_fill!r}: set kv_fill='recompute' (--kv-fill recompute)"
             )
 
     @property

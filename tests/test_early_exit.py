@@ -449,7 +449,35 @@ def test_verify_exits_output_equals_full_depth(hf_model):
     assert_no_leak(llm)
 
 
-def test_max_draft_tokens_limits_unverified_drafts(hf_model):
+def test_verify_exits_stop_strings_and_exit_counts():
+    # A stop string can match on a token that becomes final together with the one after it;
+    # the result must be the full model's: same text, same token ids, nothing after the stop.
+    # The shipped heads (verified): on this prompt "==" is made final with the token after it.
+    prompts = ["def fibonacci(n):", "def is_prime(n):", "def factorial(n):"]
+    params = SamplingParams(temperature=0, max_tokens=30, stop=["=="])
+    full = _ee_llm("none", "propagate", 0.9)
+    ref = [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in full.generate(prompts, params, use_tqdm=False)]
+    llm = _ee_llm("token", "recompute", 0.2)
+    eng = llm.engine
+    eng.set_early_exit(resolve_early_exit("smollm2-135m", {}))
+    assert eng.config.early_exit.verify_exits
+    before = dict(eng.stats.exits)
+    outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]  # alone: exits on CPU
+    for r, o in zip(ref, outs):
+        assert (list(o.outputs[0].token_ids), o.outputs[0].text) == r
+    assert outs[0].outputs[0].stop_reason == "=="
+    assert any(e < 30 for o in outs for e in o.outputs[0].exit_layers)
+    # the engine's exit counters count delivered decode tokens at the layer that made them
+    counted = {e: n - before.get(e, 0) for e, n in eng.stats.exits.items()}
+    delivered: dict[int, int] = {}
+    for o in outs:
+        for e in o.outputs[0].exit_layers[1:]:
+            delivered[e] = delivered.get(e, 0) + 1
+    assert {e: n for e, n in counted.items() if n} == delivered
+    assert_no_leak(llm)
+
+
+def test_max_draft_tokens_limits_unverified_drafts(hf_model, caplog):
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     ref = _full_reference(PROMPTS, params)
     llm = _ee_llm("token", "recompute", 0.2, verify_exits=True, max_draft_tokens=1)
@@ -468,9 +496,17 @@ def test_max_draft_tokens_limits_unverified_drafts(hf_model):
         assert_same_or_near_tie(hf_model, llm.tokenizer.encode(p), r, got, f"max_draft_tokens 1 {p!r}")
     with pytest.raises(ValueError, match="max_draft_tokens must be an integer >= 0"):
         resolve_early_exit("smollm2-135m", dict(exit_heads="none", max_draft_tokens=-1))
-    # the shipped setting verifies; choosing propagate over it gives plain exits, not an error
-    assert resolve_early_exit("smollm2-135m", {}).verify_exits
-    assert not resolve_early_exit("smollm2-135m", dict(kv_fill="propagate")).verify_exits
+    # the shipped setting verifies; choosing propagate over it, or turning verification off,
+    # gives the thresholds calibrated for unverified exits (and says so), not an error
+    shipped = resolve_early_exit("smollm2-135m", {})
+    assert shipped.verify_exits and shipped.threshold == pytest.approx(0.310517)
+    for over in (dict(kv_fill="propagate"), dict(verify_exits=False)):
+        with caplog.at_level("WARNING", logger="eeserve.early_exit.defaults"):
+            cfg = resolve_early_exit("smollm2-135m", over)
+        assert not cfg.verify_exits and cfg.threshold == pytest.approx(0.592747)
+        assert "calibrated for unverified exits" in caplog.text
+        caplog.clear()
+    assert resolve_early_exit("smollm2-135m", dict(verify_exits=False, threshold=0.8)).threshold == 0.8
     with pytest.raises(ValueError, match="verify_exits must be used with kv_fill 'recompute'"):
         resolve_early_exit("smollm2-135m", dict(kv_fill="propagate", verify_exits=True))
     assert_no_leak(llm)

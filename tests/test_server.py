@@ -332,7 +332,7 @@ class _FakeEngine:
         self.args = SimpleNamespace(num_layers=4)
         self.scheduler = SimpleNamespace(running=[], waiting=[], num_drafts_accepted=0, num_drafts_rejected=0)
         self.kv_manager = SimpleNamespace(usage=0.0)
-        self.stats = SimpleNamespace(num_prompt_tokens=0, num_generation_tokens=0, num_preemptions=0,
+        self.stats = SimpleNamespace(num_prompt_tokens=0, num_generation_tokens=0, num_preemptions=0, exits={},
                                      step=SimpleNamespace(exits={}, decode_flops=0.0, decode_full_flops=0.0))
         self._parents: dict[str, int] = {}
         self.fail = False

@@ -357,6 +357,30 @@ def test_verified_step_costs(tiny):
     assert c.full == pytest.approx((full + 10) / full)
 
 
+def test_calibrate_keeps_the_unverified_setting_beside_a_verified_one(tmp_path):
+    from types import SimpleNamespace
+
+    from eeserve.early_exit.defaults import config_from_heads_dir
+
+    (tmp_path / "exit_config.json").write_text(json.dumps({
+        "exit_layers": [1, 2], "head_type": "mlp",
+        "serving": {"exit_layers": [1], "threshold": [0.6], "kv_fill": "recompute"}, "calibration": {"a": 1}}))
+    args = SimpleNamespace(dry_run=False)
+    verified = {"exit_layers": [1], "threshold": [0.3], "kv_fill": "recompute", "verify_exits": True}
+    calibrate._finish(args, tmp_path, verified, {"b": 2}, 0.0)
+    cfg = json.loads((tmp_path / "exit_config.json").read_text())
+    assert cfg["serving"] == verified and cfg["calibration"] == {"b": 2}
+    assert cfg["serving_unverified"]["threshold"] == [0.6] and cfg["calibration_unverified"] == {"a": 1}
+    assert config_from_heads_dir(tmp_path)["threshold"] == (0.3,)
+    assert config_from_heads_dir(tmp_path, unverified=True)["threshold"] == (0.6,)
+    calibrate._finish(args, tmp_path, verified, {"c": 3}, 0.0)  # again: the unverified one stays
+    assert json.loads((tmp_path / "exit_config.json").read_text())["serving_unverified"]["threshold"] == [0.6]
+    plain = {"exit_layers": [2], "threshold": [0.7], "kv_fill": "recompute"}
+    calibrate._finish(args, tmp_path, plain, {"d": 4}, 0.0)  # an unverified calibration replaces both
+    cfg = json.loads((tmp_path / "exit_config.json").read_text())
+    assert cfg["serving"] == plain and "serving_unverified" not in cfg
+
+
 def test_serving_exit_subset_from_heads_folder(tiny, tmp_path):
     from eeserve.early_exit.defaults import resolve_early_exit
 

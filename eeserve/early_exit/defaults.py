@@ -7,10 +7,13 @@ For an alias with shipped tuned heads (``eeserve/data/exit_heads/<alias>/``) the
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from eeserve.config import EarlyExitConfig
+
+log = logging.getLogger(__name__)
 
 SHIPPED_HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "exit_heads"
 
@@ -21,19 +24,38 @@ def shipped_heads(model: str) -> Path | None:
     return d if (d / "exit_config.json").is_file() else None
 
 
-def config_from_heads_dir(path: Path) -> dict[str, Any]:
+def config_from_heads_dir(path: Path, unverified: bool = False) -> dict[str, Any]:
     """EarlyExitConfig fields stored in a heads folder's exit_config.json: its exit layers, or the
     subset its ``serving`` part names (calibration keeps only the exits it uses), and the serving
-    settings."""
+    settings. With ``unverified``, the ``serving_unverified`` part instead when there is one (the
+    thresholds calibrated for a target agreement, kept when ``calibrate --verify-exits`` wrote
+    ``serving``)."""
     cfg = json.loads((Path(path) / "exit_config.json").read_text())
     fields = {"exit_layers": tuple(cfg["exit_layers"]), "exit_head": cfg["head_type"], "exit_heads": str(path)}
-    serving = cfg.get("serving", {})
+    serving = cfg.get("serving_unverified" if unverified and "serving_unverified" in cfg else "serving", {})
     for k in ("exit_layers", "exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k",
               "max_exit_batch", "verify_exits", "max_draft_tokens"):
         if k in serving:
             v = serving[k]
             fields[k] = tuple(v) if isinstance(v, list) else v
     return fields
+
+
+def _warn_unverified(folder: Path, fill: str | None, threshold_given: bool) -> None:
+    """Tell the user when exits go unverified over a heads folder whose default verifies them."""
+    cfg = json.loads((folder / "exit_config.json").read_text())
+    if not cfg.get("serving", {}).get("verify_exits"):
+        return
+    why = f"kv_fill {fill!r}: exits are not verified (verify_exits needs 'recompute')" if fill else "exits not verified"
+    if threshold_given:
+        if fill:
+            log.warning("%s", why)
+    elif "serving_unverified" in cfg:
+        log.warning("%s; using the thresholds %s calibrated for unverified exits", why,
+                    cfg["serving_unverified"].get("threshold"))
+    else:
+        log.warning("%s; the heads folder's thresholds were chosen for verified exits and let more wrong tokens "
+                    "through unverified: set a threshold (--threshold), or calibrate for a target agreement", why)
 
 
 def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig:
@@ -44,15 +66,24 @@ def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig
     """
     overrides = dict(overrides)
     heads = overrides.pop("exit_heads", None)
-    base: dict[str, Any] = {}
+    # verify_exits needs recompute: a user who picks another K/V fill over a folder that verifies
+    # gets its unverified setting (and is told), as does one who turns verification off
+    fill = overrides.get("kv_fill")
+    drop_verify = "verify_exits" not in overrides and fill is not None and fill != "recompute"
+    unverified = overrides.get("verify_exits") is False or drop_verify
+    folder: Path | None = None
     if heads is None:
-        shipped = shipped_heads(model)
-        if shipped is not None:
-            base = config_from_heads_dir(shipped)
+        folder = shipped_heads(model)
     elif str(heads).lower() != "none":
-        if not (Path(heads) / "exit_config.json").is_file():
+        folder = Path(heads)
+        if not (folder / "exit_config.json").is_file():
             raise ValueError(f"exit_heads {heads!r} must be a folder containing exit_config.json and exit_heads.safetensors")
-        base = config_from_heads_dir(Path(heads))
+    base: dict[str, Any] = config_from_heads_dir(folder, unverified) if folder is not None else {}
+    if unverified and folder is not None:
+        _warn_unverified(folder, fill if drop_verify else None, "threshold" in overrides)
+    if drop_verify:
+        base.pop("verify_exits", None)
+        base.pop("max_draft_tokens", None)
     if overrides.get("exit_head", base.get("exit_head")) == "shared":
         base.pop("exit_heads", None)
     merged = {**base, **overrides}
@@ -65,11 +96,6 @@ def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig
         # per-exit thresholds of the heads folder no longer line up with new exit layers
         if isinstance(merged.get("threshold"), tuple):
             merged.pop("threshold")
-    if merged.get("kv_fill") != "recompute":
-        # the heads folder's verify_exits needs recompute; a user who picks propagate gets plain exits
-        for k in ("verify_exits", "max_draft_tokens"):
-            if k not in overrides:
-                merged.pop(k, None)
     if "exit_policy" not in merged and merged.get("exit_layers"):
         merged["exit_policy"] = "token"
     if merged.get("exit_policy", "none") != "none" and not merged.get("exit_layers"):

@@ -300,7 +300,7 @@ class AsyncLLMEngine:
             num_prompt_tokens=s.num_prompt_tokens,
             num_generation_tokens=s.num_generation_tokens,
             num_preemptions=s.num_preemptions,
-            exits=dict(s.step.exits),
+            exits=dict(s.exits),
             decode_flops=s.step.decode_flops,
             decode_full_flops=s.step.decode_full_flops,
             num_layers=e.args.num_layers,

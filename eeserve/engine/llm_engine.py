@@ -63,12 +63,15 @@ class EngineStats:
         num_prompt_tokens: prompt tokens of admitted requests.
         num_generation_tokens: output tokens made final (a draft once verified, ``verify_exits``).
         num_preemptions: preemptions.
-        step: FLOP and exit accounting summed over steps.
+        exits: exit layer -> decode tokens delivered that a head at that layer produced (L: full
+            depth); a replaced draft counts at L, rows discarded after it not at all.
+        step: FLOP accounting summed over steps (its ``exits`` stays empty: see ``exits``).
     """
 
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_preemptions: int = 0
+    exits: dict[int, int] = field(default_factory=dict)
     step: StepStats = field(default_factory=StepStats)
 
 
@@ -265,10 +268,7 @@ class LLMEngine:
             for req in updated:
                 pid = self._child_to_parent[req.request_id]
                 child = self._child(pid, req.request_id)
-                stop_terminated = req.status == RequestStatus.FINISHED_STOPPED
-                new_ids = req.output_token_ids[len(child.detok.token_ids) : req.num_confirmed_tokens]
-                self.stats.num_generation_tokens += len(new_ids)
-                stop_str = child.detok.update(new_ids, stop_terminated)
+                stop_str = self._detokenize(req, child)
                 if stop_str is not None and not req.is_finished:
                     req.stop_reason = stop_str
                     stopped.append(req.request_id)
@@ -283,6 +283,31 @@ class LLMEngine:
                     self._child_to_parent.pop(c.request.request_id, None)
         return outputs
 
+    def _detokenize(self, req: Request, child: _Child) -> str | None:
+        """Feed the request's new final tokens to its detokenizer one at a time (a step can make
+        several final at once under ``verify_exits``); count them. At a stop string the tokens
+        after it are dropped, as a full-depth run would never have made them.
+
+        Returns:
+            the stop string that matched, or None.
+        """
+        start = len(child.detok.token_ids)
+        new_ids = req.output_token_ids[start : req.num_confirmed_tokens]
+        stop_terminated = req.status == RequestStatus.FINISHED_STOPPED
+        stop_str = None
+        for i, tid in enumerate(new_ids):
+            stop_str = child.detok.update([tid], stop_terminated and i == len(new_ids) - 1)
+            j = start + i
+            self.stats.num_generation_tokens += 1
+            if j > 0:  # the first token comes from the prompt's pass, not a decode step
+                e = req.exit_layers[j]
+                self.stats.exits[e] = self.stats.exits.get(e, 0) + 1
+            if stop_str is not None:
+                if not req.is_finished:
+                    req.truncate_outputs(j + 1)
+                break
+        return stop_str
+
     def _child(self, parent_id: str, child_id: str) -> _Child:
         for c in self._parents[parent_id].children:
             if c.request.request_id == child_id:
@@ -296,8 +321,6 @@ class LLMEngine:
         t.kv_fill_flops += s.kv_fill_flops
         t.decode_full_flops += s.decode_full_flops
         t.decode_flops += s.decode_flops
-        for e, n in s.exits.items():
-            t.exits[e] = t.exits.get(e, 0) + n
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
         completions = []

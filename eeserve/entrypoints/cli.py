@@ -99,7 +99,7 @@ def _print_output(llm, out, show_exits: bool, as_json: bool) -> None:
         if ee.enabled and ee.verify_exits:
             sched = llm.engine.scheduler
             print(f"-- exits verified at full depth (output equals the full model's): "
-                  f"{sched.num_drafts_accepted} kept, {sched.num_drafts_rejected} replaced so far")
+                  f"{sched.num_drafts_accepted} kept, {sched.num_drafts_rejected} replaced since the model loaded")
 
 
 def _build_llm(args):

@@ -99,10 +99,12 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                         "token: each sequence leaves on its own, the batch is compacted (default: the model's exit config, else none)")
     e.add_argument("--exit-layers", type=_int_list, default=None, help="exit points as layer counts, e.g. 12,16,20,24")
     e.add_argument("--exit-head", default=None, choices=EXIT_HEAD_TYPES, help="exit head type (default shared, or the heads folder's)")
-    e.add_argument("--confidence", default=None, choices=CONFIDENCE_MEASURES, help="confidence measure (default softmax)")
+    e.add_argument("--confidence", default=None, choices=CONFIDENCE_MEASURES,
+                   help="confidence measure (default: the model's exit config, else softmax)")
     e.add_argument("--threshold", type=_float_list, default=None,
                    help="confidence threshold, one global value or one per exit layer (entropy: exit when <= threshold)")
-    e.add_argument("--kv-fill", default=None, choices=KV_FILLS, help="KV of skipped layers: propagate (default) or recompute")
+    e.add_argument("--kv-fill", default=None, choices=KV_FILLS,
+                   help="KV of skipped layers: propagate or recompute (default: the model's exit config, else propagate)")
     e.add_argument("--exit-heads", default=None,
                    help="folder with exit_heads.safetensors + exit_config.json; 'none' turns off the model's shipped heads")
     e.add_argument("--min-exit-layer", type=int, default=None, help="never exit before this many layers")
@@ -117,7 +119,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                         "(default: the model's exit config, else off)")
     e.add_argument("--max-draft-tokens", type=_int_at_least(0), default=None,
                    help="with --verify-exits: most unverified early-exit tokens per sequence before a full-depth "
-                        "step verifies them; 0 = no limit (default: the model's exit config, else 0)")
+                        "step verifies them; 0 = any number (default: the model's exit config, else 1)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -553,13 +553,23 @@ def _calibrate_verified(args, llm, heads, scores, measures: Sequence[str], folde
 
 def _finish(args, folder: Path, serving: dict, result: dict, t0: float) -> int:
     """Print the result; unless ``--dry-run``, write ``serving`` and ``result`` (as
-    ``calibration``) into the heads folder's exit_config.json."""
+    ``calibration``) into the heads folder's exit_config.json. Verified settings keep an
+    unverified ``serving`` there as ``serving_unverified`` (with its ``calibration_unverified``):
+    the engine falls back to it when exits are not verified (``defaults.resolve_early_exit``).
+    Unverified settings replace both."""
     import json
 
     print(json.dumps(result, indent=2))
     if not args.dry_run:
         cfg_path = folder / "exit_config.json"
         cfg = json.loads(cfg_path.read_text())
+        old = cfg.get("serving")
+        if serving.get("verify_exits") and old and not old.get("verify_exits"):
+            cfg["serving_unverified"] = old
+            cfg["calibration_unverified"] = cfg.get("calibration")
+        elif not serving.get("verify_exits"):
+            cfg.pop("serving_unverified", None)
+            cfg.pop("calibration_unverified", None)
         cfg["serving"] = serving
         cfg["calibration"] = result
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
