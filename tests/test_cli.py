@@ -237,7 +237,8 @@ def test_generate_prompts_file_prints_json_lines(capsys, shared_engines, tmp_pat
     f = tmp_path / "prompts.jsonl"
     f.write_text('"The capital of France is"\n{"prompt": "One, two, three,"}\n')
     rc, out, err = run_cli(
-        capsys, ["generate", "--prompts-file", str(f), "--max-tokens", "4", "--temperature", "0", *SMALL_KV]
+        capsys, ["generate", "--prompts-file", str(f), "--max-tokens", "4", "--temperature", "0", "--logprobs", "2",
+                 *SMALL_KV]
     )
     assert rc == 0, err
     lines = out.strip().splitlines()
@@ -246,8 +247,11 @@ def test_generate_prompts_file_prints_json_lines(capsys, shared_engines, tmp_pat
     assert [r["prompt"] for r in rows] == ["The capital of France is", "One, two, three,"]
     assert rows[0]["text"].startswith(" Paris")
     for r in rows:
-        assert len(r["token_ids"]) == len(r["exit_layers"]) == 4
+        assert len(r["token_ids"]) == len(r["exit_layers"]) == len(r["logprobs"]) == 4
         assert r["finish_reason"] == "length"
+        for tid, top in zip(r["token_ids"], r["logprobs"]):  # greedy: the chosen token ranks first
+            assert len(top) == 2 and top[0]["token_id"] == tid and top[0]["logprob"] >= top[1]["logprob"]
+        assert r["cumulative_logprob"] == pytest.approx(sum(top[0]["logprob"] for top in r["logprobs"]))
 
 
 def test_chat_one_message(capsys, shared_engines):

@@ -78,15 +78,31 @@ def format_exits(tokenizer, token_ids: list[int], exit_layers: list[int]) -> str
     return "".join(parts)
 
 
+def _logprob_rows(c) -> list[list[dict]]:
+    """Per generated token, its top logprobs (the chosen token included), best first."""
+    return [
+        [{"token_id": tid, "token": lp.decoded_token, "logprob": lp.logprob}
+         for tid, lp in sorted(d.items(), key=lambda kv: kv[1].rank)]
+        for d in c.logprobs
+    ]
+
+
 def _print_output(llm, out, show_exits: bool, as_json: bool) -> None:
     for c in out.outputs:
         if as_json:
-            print(json.dumps({
+            row = {
                 "prompt": out.prompt, "index": c.index, "text": c.text, "token_ids": c.token_ids,
                 "finish_reason": c.finish_reason, "exit_layers": c.exit_layers,
-            }, ensure_ascii=False))
+            }
+            if c.logprobs is not None:
+                row["logprobs"] = _logprob_rows(c)
+                row["cumulative_logprob"] = c.cumulative_logprob
+            print(json.dumps(row, ensure_ascii=False))
             continue
         print(c.text)
+        if c.logprobs is not None:
+            print("\n-- logprob of each token (natural log; the top-N are in --prompts-file's JSON output):")
+            print("".join(f"[{d[t].decoded_token!r}|{d[t].logprob:.2f}]" for t, d in zip(c.token_ids, c.logprobs)))
         if show_exits:
             L = llm.engine.args.num_layers
             print(f"\n-- exit layer of each token (of {L} layers):")
