@@ -53,8 +53,9 @@ class TokenLogprobs:
 class Request:
     """One sequence (a child of a user request when n > 1).
 
-    The scheduler changes ``status`` and ``num_computed_tokens``; the engine appends outputs.
-    Block tables live in the KV manager, never here.
+    The scheduler changes ``status`` and ``num_computed_tokens``, appends sampled tokens and
+    settles drafts (``verify_exits``); the engine cuts the outputs at a stop string. Block tables
+    live in the KV manager, never here.
     """
 
     request_id: str

@@ -178,7 +178,12 @@ class ModelRunner:
     def _verify(self, verify_logits: dict[str, torch.Tensor], requests: dict[str, Request]) -> dict[str, tuple[SampledToken, ...]]:
         """Sample the full-depth token of every draft position, each row with the sampling state
         (penalties, min_tokens, its own RNG) that a full-depth step at that position would have
-        had. The scheduler compares them with the drafts."""
+        had. The scheduler compares them with the drafts.
+
+        Raises:
+            RuntimeError: a request's pending rows and draft tokens differ in number (a bug: each
+                draft leaves exactly one pending position).
+        """
         if not verify_logits:
             return {}
         L = self.model.args.num_layers
