@@ -77,6 +77,7 @@ class Request:
     flops: float = 0.0  # FLOPs spent on this request's decode tokens
     full_flops: float = 0.0  # FLOPs the same tokens would cost at full depth
     num_draft_tokens: int = 0  # trailing output tokens from early exits not yet verified (verify_exits)
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # per draft: [V] q of a sampled draft
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -100,6 +101,7 @@ class Request:
         tokens dropped are the last ones, drafts first."""
         dropped = max(0, len(self.output_token_ids) - num_tokens)
         self.num_draft_tokens = max(0, self.num_draft_tokens - dropped)
+        del self.draft_probs[self.num_draft_tokens :]
         del self.output_token_ids[num_tokens:]
         del self.exit_layers[num_tokens:]
         del self.output_logprobs[num_tokens:]

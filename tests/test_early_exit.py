@@ -520,6 +520,20 @@ def test_verify_exits_sampling_and_preemption(hf_model):
     for p, r, o in zip(PROMPTS, ref, llm.generate(PROMPTS, params, use_tqdm=False)):
         assert_same_or_near_tie(hf_model, llm.tokenizer.encode(p), r, list(o.outputs[0].token_ids), f"top_k 1 {p!r}")
     assert_no_leak(llm)
+    # Sampled (temperature 0.8): drafts go through the speculative-sampling rule; every token the
+    # client gets carries the full model's logprob at its position (teacher-forced reference).
+    sched = llm.engine.scheduler
+    acc0, rej0 = sched.num_drafts_accepted, sched.num_drafts_rejected
+    sampled = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True, logprobs=0)
+    for p in PROMPTS:
+        got = llm.generate([p], sampled, use_tqdm=False)[0].outputs[0]  # alone: more drafts
+        ids = llm.tokenizer.encode(p)
+        ref_lp = torch.log_softmax(reference_logits(hf_model, ids + list(got.token_ids)), -1)
+        for i, (t, lp) in enumerate(zip(got.token_ids, got.logprobs)):
+            assert abs(lp[t].logprob - float(ref_lp[len(ids) - 1 + i, t])) < 1e-3
+    assert sched.num_drafts_accepted > acc0 and sched.num_drafts_rejected > rej0
+    assert all(not r.draft_probs for r in sched.requests.values())
+    assert_no_leak(llm)
     # A KV budget too small for all prompts at once: preempted requests drop their drafts.
     small = LLM("smollm2-135m", num_kv_blocks=12, max_num_batched_tokens=128, debug_nan_fill=True,
                 early_exit=dict(exit_heads="none", exit_policy="token", exit_layers=EXITS, threshold=0.3,

@@ -273,3 +273,31 @@ def test_temperature_sharpens():
     ids = torch.tensor(_sample_ids(probs.log(), SamplingParams(temperature=0.5), n=n, seed=5))
     frac0 = (ids == 0).double().mean().item()
     assert frac0 == pytest.approx(0.36 / 0.52, abs=0.015)
+
+
+def test_speculative_accept_samples_the_target_distribution():
+    # Drafts drawn from q, verified against p: the tokens must be distributed as p, and a draft
+    # kept with probability sum_x min(p(x), q(x)) (Leviathan et al. 2023, section 2.3).
+    from eeserve.worker.sampler import speculative_accept
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.6, 0.1, 0.2])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).tolist()
+    out = [speculative_accept(p, q, d, g) for d in drafts]
+    freq = torch.bincount(torch.tensor(out), minlength=4).float() / n
+    assert torch.allclose(freq, p, atol=0.015), freq
+    kept = sum(o == d for o, d in zip(out, drafts)) / n
+    assert kept == pytest.approx(float(torch.minimum(p, q).sum()), abs=0.015)  # 0.5
+
+
+def test_sampler_verify_greedy_rows_and_rows_without_a_draft_distribution():
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    meta = SamplingMetadata(params=[SamplingParams(temperature=0.0, logprobs=1)] * 2, prompt_token_ids=[[0], [0]],
+                            output_token_ids=[[], []], generators=[None, None], eos_token_ids=[None, None])
+    out = sampler.verify(logits, meta, torch.tensor([1, 2]), [None, torch.tensor([0.0, 0.0, 1.0])])
+    assert out.token_ids.tolist() == [1, 0]  # greedy: the argmax, whatever the draft
+    assert out.logprobs[1].token_id == 0
+    assert out.logprobs[1].logprob == pytest.approx(float(torch.log_softmax(logits[1], -1)[0]))

@@ -228,6 +228,7 @@ class Scheduler:
                     req.output_logprobs.append(tok.logprobs)
                 if tok.draft:
                     req.num_draft_tokens += 1
+                    req.draft_probs.append(tok.draft_probs)
             if req.first_token_time is None and req.output_token_ids:
                 req.first_token_time = now
             for j in range(first_new, req.num_confirmed_tokens):
@@ -254,6 +255,7 @@ class Scheduler:
             raise RuntimeError(f"request {req.request_id!r}: {len(verified)} verified tokens for {req.num_draft_tokens} drafts")
         first = req.num_output_tokens - req.num_draft_tokens
         req.num_draft_tokens = 0
+        req.draft_probs.clear()
         for i, tok in enumerate(verified):
             j = first + i
             if tok.logprobs is not None:

@@ -167,18 +167,24 @@ class ModelRunner:
         sampled: dict[str, SampledToken] = {}
         if inputs.sample_request_ids:
             reqs = [requests[rid] for rid in inputs.sample_request_ids]
-            sout = self.sampler(result.logits, _sampling_metadata(reqs, [r.num_output_tokens for r in reqs]))
+            drafts = [verify and e < L for e in result.exit_layers]
+            # a sampled draft keeps the distribution it came from, for the acceptance rule
+            keep_q = any(d and r.sampling_params.temperature > 0 for d, r in zip(drafts, reqs))
+            sout = self.sampler(result.logits, _sampling_metadata(reqs, [r.num_output_tokens for r in reqs]),
+                                return_probs=keep_q)
             ids = sout.token_ids.tolist()
             for i, rid in enumerate(inputs.sample_request_ids):
-                e = result.exit_layers[i]
-                sampled[rid] = SampledToken(ids[i], e, sout.logprobs[i], draft=verify and e < L)
+                q = sout.probs[i].clone() if keep_q and drafts[i] and reqs[i].sampling_params.temperature > 0 else None
+                sampled[rid] = SampledToken(ids[i], result.exit_layers[i], sout.logprobs[i], draft=drafts[i],
+                                            draft_probs=q)
         return ModelRunnerOutput(sampled=sampled, stats=result.stats, request_flops=result.request_flops,
                                  verified=self._verify(result.verify_logits, requests))
 
     def _verify(self, verify_logits: dict[str, torch.Tensor], requests: dict[str, Request]) -> dict[str, tuple[SampledToken, ...]]:
-        """Sample the full-depth token of every draft position, each row with the sampling state
-        (penalties, min_tokens, its own RNG) that a full-depth step at that position would have
-        had. The scheduler compares them with the drafts.
+        """The full-depth token of every draft position (``Sampler.verify``: the draft itself when
+        kept), each row with the sampling state (penalties, min_tokens, its own RNG) that a
+        full-depth step at that position would have had. The scheduler compares them with the
+        drafts.
 
         Raises:
             RuntimeError: a request's pending rows and draft tokens differ in number (a bug: each
@@ -187,7 +193,7 @@ class ModelRunner:
         if not verify_logits:
             return {}
         L = self.model.args.num_layers
-        reqs, counts, owners = [], [], []
+        reqs, counts, owners, drafts, qs = [], [], [], [], []
         for rid, logits in verify_logits.items():
             r = requests[rid]
             k = logits.shape[0]
@@ -197,7 +203,10 @@ class ModelRunner:
             reqs.extend([r] * k)
             counts.extend(range(first, first + k))
             owners.extend([rid] * k)
-        sout = self.sampler(torch.cat(list(verify_logits.values())), _sampling_metadata(reqs, counts))
+            drafts.extend(r.output_token_ids[first:])
+            qs.extend(r.draft_probs)
+        sout = self.sampler.verify(torch.cat(list(verify_logits.values())), _sampling_metadata(reqs, counts),
+                                   torch.tensor(drafts), qs)
         out: dict[str, list[SampledToken]] = {}
         for rid, tid, lp in zip(owners, sout.token_ids.tolist(), sout.logprobs):
             out.setdefault(rid, []).append(SampledToken(tid, L, lp))

@@ -38,6 +38,7 @@ class SamplingMetadata:
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64, the sampled token of each row
     logprobs: list[TokenLogprobs | None]  # per row; None unless params.logprobs is not None
+    probs: torch.Tensor | None = None  # [B, V] float32 distribution sampled from (with return_probs)
 
 
 def apply_penalties(
@@ -174,16 +175,71 @@ class Sampler:
     def __init__(self, default_generator: torch.Generator | None):
         self.default_generator = default_generator
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, return_probs: bool = False) -> SamplerOutput:
         """Sample.
 
         Args:
             logits: [B, V] float32 next-token logits (not modified).
             meta: per-row parameters and histories.
+            return_probs: also return each row's distribution (greedy rows: one-hot).
 
         Returns:
             SamplerOutput with [B] int64 ids and per-row logprobs.
         """
+        logits, raw_logprobs = self._penalized(logits, meta)
+        token_ids = logits.argmax(dim=-1)  # [B], greedy result for every row
+        probs = torch.zeros_like(logits).scatter_(1, token_ids[:, None], 1.0) if return_probs else None
+        random_rows = [i for i, p in enumerate(meta.params) if p.temperature >= _GREEDY_EPS]
+        if random_rows:
+            rprobs = self._random_probs(logits[random_rows], random_rows, meta)  # [R, V]
+            token_ids[random_rows] = exponential_race(
+                rprobs, [meta.generators[i] for i in random_rows], self.default_generator)
+            if probs is not None:
+                probs[random_rows] = rprobs
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, meta), probs)
+
+    def verify(self, logits: torch.Tensor, meta: SamplingMetadata, drafts: torch.Tensor,
+               draft_probs: list[torch.Tensor | None]) -> SamplerOutput:
+        """The token of each row given a draft for it: speculative sampling (Leviathan et al.
+        2023, arXiv 2211.17192, section 2.3; Chen et al. 2023, arXiv 2302.01318, algorithm 2).
+        With p the row's distribution and q the draft's, the draft x is kept with probability
+        min(1, p(x) / q(x)), else a token is drawn from max(0, p - q), normalized: the result is
+        distributed as p. Greedy rows, and rows without ``draft_probs``, take their own sample
+        (``__call__``): a draft is then kept exactly when it equals it.
+
+        Args:
+            logits: [B, V] float32 logits of the verifying (full-depth) rows.
+            meta: their parameters and histories.
+            drafts: [B] int64 draft tokens.
+            draft_probs: per row, the [V] distribution the draft was sampled from, or None.
+
+        Returns:
+            SamplerOutput with the [B] tokens (equal to the draft where kept) and their logprobs.
+        """
+        logits, raw_logprobs = self._penalized(logits, meta)
+        token_ids = logits.argmax(dim=-1)  # [B], greedy result for every row
+        random_rows = [i for i, p in enumerate(meta.params) if p.temperature >= _GREEDY_EPS]
+        if random_rows:
+            probs = self._random_probs(logits[random_rows], random_rows, meta)  # [R, V]
+            for k, i in enumerate(random_rows):
+                gen = meta.generators[i]
+                q = draft_probs[i]
+                if q is None:
+                    token_ids[i] = exponential_race(probs[k : k + 1], [gen], self.default_generator)[0]
+                else:
+                    token_ids[i] = speculative_accept(probs[k], q.to(probs), int(drafts[i]),
+                                                      gen if gen is not None else self.default_generator)
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, meta))
+
+    def _logprobs(self, raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor,
+                  meta: SamplingMetadata) -> list[TokenLogprobs | None]:
+        if raw_logprobs is None:
+            return [None] * token_ids.shape[0]
+        return _gather_logprobs(raw_logprobs, token_ids, meta.params)
+
+    def _penalized(self, logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, V] logits with min_tokens and the penalties applied, [B, V] raw log-softmax when
+        some row wants logprobs)."""
         B = logits.shape[0]
         params = meta.params
         assert len(params) == B, f"{len(params)} params for {B} rows"
@@ -206,16 +262,7 @@ class Sampler:
                 torch.tensor(freq, dtype=torch.float32, device=device),
                 torch.tensor(pres, dtype=torch.float32, device=device),
             )
-
-        token_ids = logits.argmax(dim=-1)  # [B], greedy result for every row
-        random_rows = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_EPS]
-        if random_rows:
-            token_ids[random_rows] = self._sample(logits[random_rows], random_rows, meta)
-
-        out_logprobs: list[TokenLogprobs | None] = [None] * B
-        if raw_logprobs is not None:
-            out_logprobs = _gather_logprobs(raw_logprobs, token_ids, params)
-        return SamplerOutput(token_ids=token_ids, logprobs=out_logprobs)
+        return logits, raw_logprobs
 
     def _apply_min_tokens(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
         """Mask EOS and stop token ids to -inf for rows that have not reached min_tokens."""
@@ -235,17 +282,17 @@ class Sampler:
         if rows:
             logits[rows, cols] = float("-inf")
 
-    def _sample(
+    def _random_probs(
         self, logits: torch.Tensor, rows: list[int], meta: SamplingMetadata
     ) -> torch.Tensor:
-        """Random sampling of the non-greedy rows.
+        """The distribution the non-greedy rows sample from.
 
         Args:
             logits: [R, V] penalized logits of those rows.
             rows: their R row indices in the batch.
 
         Returns:
-            [R] int64 ids.
+            [R, V] float32 probabilities after temperature, top-k, top-p and min-p.
         """
         device = logits.device
         params = [meta.params[i] for i in rows]
@@ -261,9 +308,28 @@ class Sampler:
             apply_min_p(
                 logits, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
             )
-        probs = logits.softmax(dim=-1)  # [R, V]
-        generators = [meta.generators[i] for i in rows]
-        return exponential_race(probs, generators, self.default_generator)
+        return logits.softmax(dim=-1)  # [R, V]
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None) -> int:
+    """One step of speculative sampling (``Sampler.verify``).
+
+    Args:
+        p: [V] target distribution; q: [V] the draft's distribution, q[draft] > 0.
+        draft: the drafted id, sampled from q.
+        generator: the row's RNG (one uniform draw, and one [V] draw on rejection).
+
+    Returns:
+        ``draft`` with probability min(1, p[draft] / q[draft]), else an id from max(0, p - q)
+        normalized (from p when that is empty); overall distributed as p.
+    """
+    u = torch.rand((), generator=generator, device=p.device)
+    if float(u) * float(q[draft]) <= float(p[draft]):
+        return draft
+    residual = (p - q).clamp_(min=0.0)
+    total = float(residual.sum())
+    residual = residual / total if total > 0 else p
+    return int(exponential_race(residual[None], [generator], generator)[0])
 
 
 def _gather_logprobs(
