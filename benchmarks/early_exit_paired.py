@@ -42,7 +42,7 @@ NONE, CONTROL = "none", "none (again)"
 class Quality:
     """An early-exit arm's outputs over all rounds of one concurrency."""
 
-    agreement: float  # token agreement (DESIGN.md), teacher-forced through the full model
+    agreement: float | None  # token agreement (DESIGN.md), teacher-forced; None when sampling
     mean_layers: float  # mean exit layer of decode tokens (the first token, from the prefill, left out)
     flops_ratio: float  # mean per request of FLOPs spent / FLOPs at full depth
 
@@ -57,6 +57,10 @@ class PairedResult:
 
     def ratios(self, arm: str) -> list[float]:
         return [a / b for a, b in zip(self.rates[arm], self.rates[NONE])]
+
+
+def _fmt_agreement(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def parse_setting(text: str) -> dict:
@@ -94,7 +98,10 @@ def main() -> None:
     ap.add_argument("--exit-heads", default=None, help="heads folder (default: the model's shipped heads)")
     ap.add_argument("--concurrency", default="1,8", help="comma-separated request counts run at once (default 1,8)")
     ap.add_argument("--rounds", type=int, default=15, help="rounds per concurrency (default 15)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per request, EOS ignored (default 128)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens per request, EOS ignored (default 128)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (default); above 0 each request samples with its own seed, and token "
+                         "agreement (a greedy measure) is not reported")
     ap.add_argument("--max-exit-batch", type=int, default=None, help="early-exit arm's max_exit_batch (default: the engine's, 1 on CPU with recompute; 0 = check always)")
     ap.add_argument("--setting", action="append", default=[],
                     help="an early-exit arm: the shipped setting with these EarlyExitConfig fields changed, "
@@ -113,6 +120,8 @@ def main() -> None:
         ap.error(f"--max-exit-batch must be >= 0 (0 = always check), got {args.max_exit_batch}")
     if args.new_tokens < 1:
         ap.error(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    if args.temperature < 0:
+        ap.error(f"--temperature must be >= 0, got {args.temperature}")
 
     from eeserve import LLM, SamplingParams
     from eeserve.early_exit.defaults import resolve_early_exit
@@ -133,7 +142,9 @@ def main() -> None:
     full_cfg = resolve_early_exit(args.model, {"exit_heads": "none"})
     llm = LLM(args.model, max_num_seqs=max(concs), early_exit={"exit_heads": "none"})
     prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    greedy = args.temperature == 0
+    params = [SamplingParams(temperature=args.temperature, max_tokens=args.new_tokens, ignore_eos=True,
+                             seed=None if greedy else i) for i in range(max(concs))]
     llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     ee_cfg = next(iter(arms_cfg.values()))
     desc = (f"{Path(ee_cfg.exit_heads).name}: exits {list(ee_cfg.exit_layers)}, {ee_cfg.confidence} "
@@ -156,11 +167,12 @@ def main() -> None:
             for arm in arms[k:] + arms[:k]:
                 llm.engine.set_early_exit(arms_cfg.get(arm, full_cfg))
                 t = time.perf_counter()
-                outs = llm.generate(group, params, use_tqdm=False)
+                outs = llm.generate(group, params[: len(group)], use_tqdm=False)
                 dt = time.perf_counter() - t
                 rates[arm].append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
                 if arm in arms_cfg:
-                    a, n = token_agreement(llm.engine.model, group, [list(o.outputs[0].token_ids) for o in outs])
+                    a, n = (token_agreement(llm.engine.model, group, [list(o.outputs[0].token_ids) for o in outs])
+                            if greedy else (0, 0))
                     counts[arm][0] += a
                     counts[arm][1] += n
                     layers[arm] += [e for o in outs for e in o.outputs[0].exit_layers[1:]]
@@ -168,23 +180,26 @@ def main() -> None:
             print(f"conc {conc} round {r + 1}/{args.rounds}: "
                   + ", ".join(f"{a} {rates[a][-1]:.1f}" for a in arms) + " tok/s", flush=True)
         llm.engine.set_early_exit(full_cfg)
-        quality = {a: Quality(counts[a][0] / max(counts[a][1], 1), statistics.mean(layers[a]), statistics.mean(flops[a]))
+        quality = {a: Quality(counts[a][0] / counts[a][1] if counts[a][1] else None, statistics.mean(layers[a]),
+                              statistics.mean(flops[a]))
                    for a in arms_cfg}
         results.append(PairedResult(conc, rates, quality))
 
-    lines = [f"Early exit: {desc}; {args.new_tokens} greedy tokens per request; {args.rounds} rounds per "
+    how = "greedy" if greedy else f"sampled (temperature {args.temperature}, a seed per request)"
+    lines = [f"Early exit: {desc}; {args.new_tokens} {how} tokens per request; {args.rounds} rounds per "
              "concurrency, arms in rotating order.", "",
              "| conc | arm | tok/s (median) | speed-up vs none, median of rounds [IQR] | "
              "rounds faster | mean layers | FLOPs ratio | token agreement |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for res in results:
-        lines.append(f"| {res.concurrency} | none | {statistics.median(res.rates[NONE]):.1f} | | | 30 | 1.00 | 1.000 |")
+        full = "1.000" if greedy else "-"
+        lines.append(f"| {res.concurrency} | none | {statistics.median(res.rates[NONE]):.1f} | | | 30 | 1.00 | {full} |")
         for arm in (*arms_cfg, CONTROL):
             x = res.ratios(arm)
             q = quartiles(x)
             qual = res.quality.get(arm)
-            figures = (f"{qual.mean_layers:.2f} | {qual.flops_ratio:.2f} | {qual.agreement:.3f}" if qual
-                       else "30 | 1.00 | 1.000 (A/A control)")
+            figures = (f"{qual.mean_layers:.2f} | {qual.flops_ratio:.2f} | {_fmt_agreement(qual.agreement)}" if qual
+                       else f"30 | 1.00 | {full} (A/A control)")
             lines.append(f"| {res.concurrency} | {arm} | {statistics.median(res.rates[arm]):.1f} | "
                          f"{q[1]:.3f}x [{q[0]:.3f}, {q[2]:.3f}] | {sum(v > 1 for v in x)}/{len(x)} | {figures} |")
     table = "\n".join(lines)
@@ -207,7 +222,8 @@ def plot(results: list[PairedResult], path: Path, desc: str) -> None:
         ax.boxplot(data, showfliers=False)
         for i, ys in enumerate(data, start=1):
             ax.scatter([i + (j % 5 - 2) * 0.03 for j in range(len(ys))], ys, s=12, alpha=0.7)
-        labels = [f"{a} / none" + (f"\nagreement {res.quality[a].agreement:.3f}, {res.quality[a].mean_layers:.1f} layers"
+        labels = [f"{a} / none" + (f"\nagreement {_fmt_agreement(res.quality[a].agreement)}, "
+                                    f"{res.quality[a].mean_layers:.1f} layers"
                                     if a in res.quality else "\n(A/A control)") for a in arms]
         ax.set_xticks(range(1, len(arms) + 1), [lab.replace(",", ",\n", 1) if len(lab) > 40 else lab for lab in labels],
                       fontsize=7)
