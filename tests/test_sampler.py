@@ -301,3 +301,14 @@ def test_sampler_verify_greedy_rows_and_rows_without_a_draft_distribution():
     assert out.token_ids.tolist() == [1, 0]  # greedy: the argmax, whatever the draft
     assert out.logprobs[1].token_id == 0
     assert out.logprobs[1].logprob == pytest.approx(float(torch.log_softmax(logits[1], -1)[0]))
+
+
+def test_return_probs_is_the_distribution_sampled_from():
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    meta = SamplingMetadata(params=[SamplingParams(temperature=0.0), SamplingParams(temperature=0.5)],
+                            prompt_token_ids=[[0], [0]], output_token_ids=[[], []], generators=[None, None],
+                            eos_token_ids=[None, None])
+    out = sampler(logits, meta, return_probs=True)
+    assert out.probs.tolist()[0] == [0.0, 1.0, 0.0]  # greedy: one-hot at the argmax
+    assert torch.allclose(out.probs[1], torch.softmax(logits[1] / 0.5, -1))

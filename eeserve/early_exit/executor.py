@@ -148,12 +148,12 @@ class ExitExecutor:
 
     def _groups(self, inputs: BatchInputs, requests: dict[str, Request]) -> list[_Group]:
         groups = []
+        cfg = self.config
         for s, seq in zip(inputs.scheduled, inputs.seqs):
             req = requests[s.request_id]
             ov = req.sampling_params.early_exit
             # A draft needs a next step to be verified in (not the request's last token), and a
             # sequence holds at most max_draft_tokens of them.
-            cfg = self.config
             room = not cfg.verify_exits or (
                 req.num_output_tokens + 1 < req.max_tokens
                 and (not cfg.max_draft_tokens or req.num_draft_tokens < cfg.max_draft_tokens))
@@ -210,14 +210,15 @@ class ExitExecutor:
             parts.extend(r[1] for r in rows)
         return torch.cat(parts) if parts else h
 
-    def _score(self, e: int, groups: list[_Group], hc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    def _score(self, e: int, groups: list[_Group], hc: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None, float, torch.Tensor | None]:
         """Confidence of the candidate decode rows at exit ``e``.
 
         Returns:
-            ([N] scores, [N, V] logits for the rows that leave, or None, FLOPs per row). The logits
-            are the full vocabulary's when the measure computed them; under ``verify_exits`` a
-            classifier's candidate logits (the K ids its check scored, the rest -inf) serve too:
-            a draft only has to be a good guess, the full model settles the token.
+            ([N] scores, [N, V] full logits if the measure computed them else None, FLOPs per row,
+            [N, K] the classifier's candidate logits or None). Under ``verify_exits`` the
+            candidate logits serve as a leaving row's draft logits (``_exit_point``): a draft only
+            has to be a good guess, the full model settles the token.
         """
         measure = self.config.confidence
         head = self.heads[e]
@@ -237,16 +238,12 @@ class ExitExecutor:
                     for g, t in zip(groups, top):
                         g.top_ids = t
             fn = {"softmax": softmax_confidence, "margin": margin_confidence, "entropy": entropy}[measure]
-            return fn(logits), full, cost
+            return fn(logits), full, cost, None
         if measure == "saturation":
             prev = torch.stack([g.prev_hidden for g in groups])
-            return saturation(hc, prev), None, 6.0 * H
+            return saturation(hc, prev), None, 6.0 * H, None
         prob, cand = head.classifier_check(hc, self.model)  # classifier
-        drafts = None
-        if cand is not None and self.config.verify_exits:
-            drafts = torch.full((cand.shape[0], self.model.args.vocab_size), float("-inf"), device=cand.device)
-            drafts[:, head.candidate_ids] = cand
-        return prob, drafts, head.classifier_flops(H)
+        return prob, None, head.classifier_flops(H), cand
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -328,7 +325,7 @@ class ExitExecutor:
 
     def _account(self, g: _Group, stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> None:
         """Close the FLOP books of a decode row that left (at an exit point or at L)."""
-        full = self.model.args.num_layers * self.layer_flops + self.full_head_flops
+        full = self.model.args.full_depth_flops()
         stats.decode_full_flops += full
         stats.decode_flops += g.spent
         request_flops[g.request_id] = (g.spent, full)
@@ -349,7 +346,7 @@ class ExitExecutor:
         rows = torch.tensor([offsets[i] + groups[i].n - 1 for i in cand], device=h.device)
         hc = h[rows]  # [N, H] decode rows
         cgroups = [groups[i] for i in cand]
-        scores, full, cost = self._score(e, cgroups, hc)
+        scores, full, cost, cand_logits = self._score(e, cgroups, hc)
         stats.head_flops += cost * len(cand)
         for g in cgroups:
             g.spent += cost
@@ -369,8 +366,13 @@ class ExitExecutor:
         exiting = [cgroups[i] for i in idx.tolist()]
         h_exit = hc[idx]  # [M, H]
         head = self.heads[e]
-        if full is not None:
-            for g, row in zip(exiting, full[idx]):
+        ready = full[idx] if full is not None else None  # [M, V]
+        if ready is None and cand_logits is not None and self.config.verify_exits:
+            # drafts from the candidate logits, the other ids at -inf
+            ready = torch.full((len(exiting), self.model.args.vocab_size), float("-inf"), device=h.device)
+            ready[:, head.candidate_ids] = cand_logits[idx]
+        if ready is not None:
+            for g, row in zip(exiting, ready):
                 step_logits.add_ready(("sample", g.request_id), row)
         else:
             head_cost = self.full_head_flops + head.transform_flops(self.model.args.hidden_size)

@@ -262,8 +262,7 @@ class LLMEngine:
             # decode rows dropped after a replaced draft (verify_exits) made no token: their
             # FLOPs stay spent, their full-depth cost is not a token's
             discarded = self.scheduler.num_rows_discarded - discarded
-            self.stats.step.decode_full_flops -= discarded * (self.args.num_layers * self.args.layer_flops()
-                                                               + self.args.head_flops())
+            self.stats.step.decode_full_flops -= discarded * self.args.full_depth_flops()
             stopped: list[str] = []
             for req in updated:
                 pid = self._child_to_parent[req.request_id]

@@ -80,6 +80,10 @@ class ModelArgs:
         """FLOPs of an LM head over ``vocab`` ids (default: the full vocabulary) for one token."""
         return 2.0 * self.hidden_size * (self.vocab_size if vocab is None else vocab)
 
+    def full_depth_flops(self) -> float:
+        """FLOPs of one token through all layers and the LM head (no early exit)."""
+        return self.num_layers * self.layer_flops() + self.head_flops()
+
 
 SMALL_BATCH_ROWS = 16  # up to this many rows ``linear`` uses W @ x^T on CPUs
 

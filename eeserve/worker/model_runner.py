@@ -133,7 +133,7 @@ class ModelRunner:
         h = model.run_layers(h, 0, args.num_layers, inputs.meta, self.kv_cache)
         logits = model.compute_logits(h[inputs.sample_rows])  # [S, V]
         num_rows = inputs.meta.num_rows
-        full = args.num_layers * args.layer_flops() + args.head_flops()
+        full = args.full_depth_flops()
         stats = StepStats(
             layer_flops=num_rows * args.num_layers * args.layer_flops(),
             head_flops=len(inputs.sample_request_ids) * args.head_flops(),

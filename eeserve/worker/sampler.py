@@ -186,12 +186,12 @@ class Sampler:
         Returns:
             SamplerOutput with [B] int64 ids and per-row logprobs.
         """
-        logits, raw_logprobs = self._penalized(logits, meta)
-        token_ids = logits.argmax(dim=-1)  # [B], greedy result for every row
-        probs = torch.zeros_like(logits).scatter_(1, token_ids[:, None], 1.0) if return_probs else None
-        random_rows = [i for i, p in enumerate(meta.params) if p.temperature >= _GREEDY_EPS]
+        token_ids, random_rows, rprobs, raw_logprobs = self._distributions(logits, meta)
+        probs = None
+        if return_probs:  # greedy rows: one-hot at their token
+            probs = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+            probs.scatter_(1, token_ids[:, None], 1.0)
         if random_rows:
-            rprobs = self._random_probs(logits[random_rows], random_rows, meta)  # [R, V]
             token_ids[random_rows] = exponential_race(
                 rprobs, [meta.generators[i] for i in random_rows], self.default_generator)
             if probs is not None:
@@ -216,20 +216,31 @@ class Sampler:
         Returns:
             SamplerOutput with the [B] tokens (equal to the draft where kept) and their logprobs.
         """
-        logits, raw_logprobs = self._penalized(logits, meta)
-        token_ids = logits.argmax(dim=-1)  # [B], greedy result for every row
-        random_rows = [i for i, p in enumerate(meta.params) if p.temperature >= _GREEDY_EPS]
-        if random_rows:
-            probs = self._random_probs(logits[random_rows], random_rows, meta)  # [R, V]
-            for k, i in enumerate(random_rows):
-                gen = meta.generators[i]
-                q = draft_probs[i]
-                if q is None:
-                    token_ids[i] = exponential_race(probs[k : k + 1], [gen], self.default_generator)[0]
-                else:
-                    token_ids[i] = speculative_accept(probs[k], q.to(probs), int(drafts[i]),
-                                                      gen if gen is not None else self.default_generator)
+        token_ids, random_rows, probs, raw_logprobs = self._distributions(logits, meta)
+        for k, i in enumerate(random_rows):
+            gen = meta.generators[i]
+            q = draft_probs[i]
+            if q is None:
+                token_ids[i] = exponential_race(probs[k : k + 1], [gen], self.default_generator)[0]
+            else:
+                token_ids[i] = speculative_accept(probs[k], q.to(probs), int(drafts[i]),
+                                                  gen if gen is not None else self.default_generator)
         return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, meta))
+
+    def _distributions(self, logits: torch.Tensor, meta: SamplingMetadata
+                       ) -> tuple[torch.Tensor, list[int], torch.Tensor | None, torch.Tensor | None]:
+        """What both sampling and verification start from.
+
+        Returns:
+            ([B] int64 argmax of the penalized logits (the greedy rows' tokens), the R non-greedy
+            rows, [R, V] their distributions or None when R = 0, [B, V] raw log-softmax when some
+            row wants logprobs).
+        """
+        logits, raw_logprobs = self._penalized(logits, meta)
+        token_ids = logits.argmax(dim=-1)  # [B]
+        random_rows = [i for i, p in enumerate(meta.params) if p.temperature >= _GREEDY_EPS]
+        probs = self._random_probs(logits[random_rows], random_rows, meta) if random_rows else None
+        return token_ids, random_rows, probs, raw_logprobs
 
     def _logprobs(self, raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor,
                   meta: SamplingMetadata) -> list[TokenLogprobs | None]:
