@@ -123,7 +123,7 @@ def verified_step_costs(args, exit_layers: Sequence[int], thresholds: Sequence[f
     stand for time at one sequence, where a step reads every weight once. Checks run at every
     enabled exit point a row passes. (``simulate_verified`` lets the first riding row go free.)
     """
-    full = args.num_layers * args.layer_flops() + args.head_flops()
+    full = args.full_depth_flops()
     checks, drafts, rides = 0.0, [], []
     for e, t, head in zip(exit_layers, thresholds, exit_head_flops):
         if t < NEVER:
@@ -415,7 +415,6 @@ def generation_test(settings: Sequence[tuple[float, ...]], run, target: float,
 def run_calibration(args) -> int:
     """``eeserve calibrate``: score, choose along a path by generation, check on test prompts,
     write exit_config.json."""
-
     from eeserve.model import loader
     from eeserve.model.exit_heads import ExitHeads
     from eeserve.tuning import data
@@ -439,7 +438,7 @@ def run_calibration(args) -> int:
     measures = ["classifier", "softmax"] if args.confidence == "auto" else [args.confidence]
     if scores.classifier is None:
         measures = [m for m in measures if m != "classifier"] or ["softmax"]
-    full_flops = L * margs.layer_flops() + margs.head_flops()
+    full_flops = margs.full_depth_flops()
     clf_flops = heads[exits[0]].classifier_flops(margs.hidden_size)
     if getattr(args, "verify_exits", False):
         return _calibrate_verified(args, llm, heads, scores, measures, folder, t0)
@@ -545,8 +544,7 @@ def _calibrate_verified(args, llm, heads, scores, measures: Sequence[str], folde
               "modeled": {"drafts_kept": round(o.kept, 4), "drafts_replaced": round(o.replaced, 4),
                           "mean_layers": round(o.mean_layers, 3), "speedup": round(o.speedup, 3)}}
     serving = _serving(thr, exits, m, "recompute", verify_exits=True)
-    if args.max_draft_tokens:
-        serving["max_draft_tokens"] = args.max_draft_tokens
+    serving["max_draft_tokens"] = args.max_draft_tokens  # as modeled (0 too: the engine's default is 1)
     result.update(verify(args, folder, serving, llm))
     return _finish(args, folder, serving, result, t0)
 
