@@ -3,7 +3,8 @@
 A model is named by an alias (``smollm2-135m``), a path to a ``.gguf`` file, or a Hugging
 Face-format folder (``config.json``, ``*.safetensors``, tokenizer files). Every source ends up as
 a Hugging Face folder: a GGUF file is converted once (dequantized to float32, llama.cpp's rotary
-row permutation of q/k undone) into ``<cache_dir>/models/<stem>-<key>/`` and reused afterwards.
+row permutation of q/k undone) into ``<cache_dir>/models/gguf-<content hash>/`` and reused
+afterwards, whatever path the same bytes are reached through.
 
 The GGUF -> Hugging Face mapping follows llama.cpp's ``convert_hf_to_gguf.py`` (tensor names and
 the q/k permutation) and transformers' ``modeling_gguf_pytorch_utils.py`` (its reverse).
@@ -25,6 +26,8 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from eeserve.model.gguf_file import cache_entry, default_cache_dir, open_gguf
 
 SOURCE_FILE = "eeserve_source.json"
 EMBED_NAME = "model.embed_tokens.weight"
@@ -91,20 +94,6 @@ GLOBAL_TENSORS: dict[str, str] = {
 
 def _alias_list() -> str:
     return ", ".join(sorted(ALIASES))
-
-
-def default_cache_dir() -> Path:
-    """Return the folder that holds converted models.
-
-    Returns:
-        ``$EESERVE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/eeserve``, else
-        ``~/.cache/eeserve``.
-    """
-    if os.environ.get("EESERVE_CACHE_DIR"):
-        return Path(os.environ["EESERVE_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "eeserve"
-    return Path.home() / ".cache" / "eeserve"
 
 
 def alias_path(alias: str) -> Path:
@@ -289,19 +278,19 @@ def _embedding_fingerprint(folder: Path) -> str:
 
 
 def gguf_cache_path(gguf_path: Path, cache_dir: Path) -> Path:
-    """Return the cache folder for one GGUF file.
+    """Return the cache folder for one GGUF file, keyed by the file's content.
+
+    The same bytes reached through any path (another virtual environment's copy of the package,
+    a renamed file) share one folder; the sha256 is computed once per (path, size, mtime).
 
     Args:
         gguf_path: the GGUF file.
         cache_dir: the cache root.
 
     Returns:
-        ``<cache_dir>/models/<stem>-<hash of absolute path, size, mtime>``.
+        ``<cache_dir>/models/gguf-<first 20 hex digits of the file's sha256>``.
     """
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir / "models" / f"{gguf_path.stem}-{digest}"
+    return cache_entry(gguf_path, cache_dir)
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
@@ -318,7 +307,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         The cached folder.
 
     Raises:
-        ValueError: the GGUF architecture is not supported.
+        ValueError: the file is not a complete GGUF file, or its architecture is not supported
+            (the message names the file).
     """
     target = gguf_cache_path(gguf_path, cache_dir)
     if target.is_dir():
@@ -348,9 +338,9 @@ def _make_readable(folder: Path) -> None:
 
 
 def _write_hf_folder(gguf_path: Path, out: Path) -> None:
-    import gguf  # heavy import, needed only for conversion
+    import gguf  # needed only for conversion
 
-    reader = gguf.GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)
     arch_name = _field(reader, "general.architecture")
     if arch_name not in GGUF_ARCHS:
         raise ValueError(
