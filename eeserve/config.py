@@ -19,6 +19,7 @@ EXIT_HEAD_TYPES = ("shared", "adapter", "mlp", "untied")
 CONFIDENCE_MEASURES = ("softmax", "margin", "entropy", "saturation", "classifier")
 KV_FILLS = ("propagate", "recompute")
 DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", *DTYPES)  # auto: measured, see eeserve.model.kernels.choose_dtype
 
 
 def _require(ok: bool, where: str, allowed: str, value: object) -> None:
@@ -32,20 +33,26 @@ class ModelConfig:
 
     Attributes:
         model: alias (``smollm2-135m``), path to a ``.gguf`` file, or a Hugging Face model folder.
-        dtype: compute and weight dtype, one of ``DTYPES``.
+        dtype: weight dtype, one of ``MODEL_DTYPES``. ``auto`` picks bfloat16 where the CPU has
+            AMX-BF16 or AVX512-BF16 and bf16 products measure faster, else float32. On CPUs the
+            residual stream, norms and KV cache stay float32 whatever the weights.
         device: torch device string (``cpu``, ``cuda``, ``cuda:1``).
         max_model_len: context length in tokens (prompt + output); None = the model's own.
         seed: seed of the engine-wide generator used by requests without a seed.
+        kernel_tuning: on CPUs, time the matrix-product forms for this model's shapes once per
+            machine (cached) and use the fastest (``eeserve.model.kernels``); False keeps the
+            fixed legacy rule (and ``auto`` means float32).
     """
 
     model: str = "smollm2-135m"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int = 0
+    kernel_tuning: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+        _require(self.dtype in MODEL_DTYPES, "dtype", f"one of {', '.join(MODEL_DTYPES)}", self.dtype)
         _require(
             self.max_model_len is None or self.max_model_len >= 1,
             "max_model_len", "None or an integer >= 1", self.max_model_len,

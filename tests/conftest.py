@@ -5,6 +5,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import FP32_FIXED
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -49,7 +50,7 @@ def llm():
     """The engine on the default model, early exit off."""
     from eeserve import LLM
 
-    return LLM("smollm2-135m", num_kv_blocks=TEST_KV_BLOCKS, early_exit={"exit_heads": "none"})
+    return LLM("smollm2-135m", num_kv_blocks=TEST_KV_BLOCKS, early_exit={"exit_heads": "none"}, **FP32_FIXED)
 
 
 CHAT_PROMPTS = [

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 NEAR_TIE = 1e-3  # logits
+# Engines compared with transformers run in fp32 (``dtype="auto"`` may pick bf16) with the fixed
+# legacy kernel rule; every form that tuning may pick is checked against the reference in
+# tests/test_kernels.py.
+FP32_FIXED = {"dtype": "float32", "kernel_tuning": False}
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import pytest
 from eeserve.entrypoints import cli
 from eeserve.entrypoints.cli_args import engine_config_from_args
 
-SMALL_KV = ["--num-kv-blocks", "64"]
+SMALL_KV = ["--num-kv-blocks", "64", "--dtype", "float32", "--no-kernel-tuning"]
 _ENGINES: dict = {}
 
 

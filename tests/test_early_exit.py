@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_no_leak, assert_same_or_near_tie, first_divergence, reference_logits
+from helpers import FP32_FIXED, assert_no_leak, assert_same_or_near_tie, first_divergence, reference_logits
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from eeserve import LLM, EarlyExitOverride, SamplingParams
@@ -34,7 +34,8 @@ def _ee_llm(policy: str, fill: str, threshold, confidence: str = "softmax", exit
                                                   threshold=threshold, kv_fill=fill, confidence=confidence,
                                                   max_exit_batch=0, **extra))
     if "llm" not in _SHARED:
-        _SHARED["llm"] = LLM("smollm2-135m", num_kv_blocks=128, debug_nan_fill=True, early_exit={"exit_heads": "none"})
+        _SHARED["llm"] = LLM("smollm2-135m", num_kv_blocks=128, debug_nan_fill=True, early_exit={"exit_heads": "none"},
+                             **FP32_FIXED)
     llm = _SHARED["llm"]
     llm.engine.set_early_exit(ee)
     llm.engine.runner.exit_executor and setattr(llm.engine.runner.exit_executor, "trace", None)
@@ -535,7 +536,7 @@ def test_verify_exits_sampling_and_preemption(hf_model):
     assert all(not r.draft_probs for r in sched.requests.values())
     assert_no_leak(llm)
     # A KV budget too small for all prompts at once: preempted requests drop their drafts.
-    small = LLM("smollm2-135m", num_kv_blocks=12, max_num_batched_tokens=128, debug_nan_fill=True,
+    small = LLM("smollm2-135m", num_kv_blocks=12, max_num_batched_tokens=128, debug_nan_fill=True, **FP32_FIXED,
                 early_exit=dict(exit_heads="none", exit_policy="token", exit_layers=EXITS, threshold=0.3,
                                 kv_fill="recompute", verify_exits=True, max_exit_batch=0))
     prompts = [f"Story {i}: " + "the quick brown fox jumps over the lazy dog. " * (2 + i % 3) for i in range(6)]

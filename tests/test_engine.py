@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import CHAT_PROMPTS
 from helpers import (
+    FP32_FIXED,
     assert_greedy_matches_reference,
     assert_no_leak,
     assert_same_or_near_tie,
@@ -70,7 +71,8 @@ def test_batch_invariance_and_preemption(llm, hf_model):
         assert_same_or_near_tie(hf_model, p, alone[i], together[i], f"batched prompt {i}")
 
     # A KV budget that cannot hold all 16 at once: preemption by recompute must happen.
-    small = LLM("smollm2-135m", num_kv_blocks=48, max_num_batched_tokens=256, early_exit={"exit_heads": "none"})
+    small = LLM("smollm2-135m", num_kv_blocks=48, max_num_batched_tokens=256, early_exit={"exit_heads": "none"},
+                **FP32_FIXED)
     outs = small.generate(prompts, params, use_tqdm=False)
     assert sum(o.metrics.num_preemptions for o in outs) > 0, "expected preemption under a 48-block budget"
     assert small.engine.stats.num_preemptions > 0
@@ -127,22 +129,6 @@ def test_stop_string_and_max_tokens(llm):
     length = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
     assert len(length.outputs[0].token_ids) == 3 and length.outputs[0].finish_reason == "length"
     assert_no_leak(llm)
-
-
-def test_linear_matches_the_plain_product_at_every_row_count():
-    # ``linear`` pads some row counts with zero rows (padded_rows); every real row must still be
-    # x @ W^T, computed here in float64 as the reference.
-    from eeserve.model.llama import SMALL_BATCH_ROWS, linear, padded_rows
-
-    assert [padded_rows(m) for m in range(1, 17)] == [2, 2, 4, 4, 5, 6, 8, 8] + [16] * 8
-    torch.manual_seed(0)
-    w = torch.randn(96, 40)
-    for m in range(1, SMALL_BATCH_ROWS + 4):
-        x = torch.randn(m, 40)
-        out = linear(x, w)
-        assert out.shape == (m, 96) and out.is_contiguous()
-        ref = (x.double() @ w.double().T).float()
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_paged_attention_mixed_batch_matches_a_direct_softmax():

@@ -51,7 +51,7 @@ def server():
     env = dict(os.environ, EESERVE_API_KEY=API_KEY)
     proc = subprocess.Popen(
         [sys.executable, "-m", "eeserve.entrypoints.cli", "serve", MODEL, "--port", str(port),
-         "--max-num-seqs", "32", "--exit-policy", "none"],
+         "--max-num-seqs", "32", "--exit-policy", "none", "--dtype", "float32", "--no-kernel-tuning"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     base = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ Request flow (DESIGN.md section 5): ``add_request`` (tokenize, validate) -> ``Sc
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Union
@@ -18,7 +19,7 @@ from eeserve.core.interfaces import StepStats
 from eeserve.core.kv_manager import KVCacheManager, cdiv
 from eeserve.core.scheduler import Scheduler
 from eeserve.engine.detokenizer import IncrementalDetokenizer
-from eeserve.model import loader
+from eeserve.model import kernels, loader
 from eeserve.model.llama import LlamaModel, ModelArgs
 from eeserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from eeserve.request import Request, RequestStatus
@@ -30,6 +31,7 @@ from eeserve.worker.sampler import Sampler
 PromptType = Union[str, list[int]]
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_kv_blocks nor kv_cache_memory is set
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,10 +91,17 @@ class LLMEngine:
         self.config = config
         mc = config.model
         self.device = torch.device(mc.device)
-        self.dtype = _DTYPES[mc.dtype]
         self.model_files = loader.resolve_model(mc.model)
         self.hf_config = loader.load_config(self.model_files)
         self.args = ModelArgs.from_hf_config(self.hf_config)
+        setup = kernels.setup_for_model(self.args.linear_shapes(), mc.dtype, self.device.type, mc.kernel_tuning,
+                                        loader.default_cache_dir())
+        self.kernel_report = setup.report  # the dtype chosen and why, for the start-up log
+        logger.info("%s", setup.report)
+        weight_dtype = _DTYPES[setup.weight_dtype]
+        # on CPUs the residual stream, norms and KV cache stay fp32 (reduced precision only in the
+        # products, with fp32 accumulation); elsewhere everything runs in the chosen dtype
+        self.dtype = torch.float32 if self.device.type == "cpu" else weight_dtype
         self.tokenizer = loader.load_tokenizer(self.model_files)
         model_len = self.args.max_position_embeddings
         if mc.max_model_len is not None and mc.max_model_len > model_len:
@@ -100,9 +109,12 @@ class LLMEngine:
                 f"max_model_len {mc.max_model_len} exceeds the model's context length {model_len}"
             )
         self.max_model_len = mc.max_model_len or model_len
-        self.model = LlamaModel(self.args, self.hf_config, self.dtype, self.device, self.max_model_len)
+        self.model = LlamaModel(self.args, self.hf_config, self.dtype, self.device, self.max_model_len, weight_dtype)
         self.model.load_hf_state_dict(loader.load_state_dict(self.model_files, self.dtype))
         self.model.eval()
+        if setup.plan is not None:
+            kernels.install(setup.plan)
+            kernels.prepare(self.model.linear_weights(), setup.plan)
 
         cc = config.cache
         per_block = kv_bytes_per_block(self.args.num_layers, cc.block_size, self.args.num_kv_heads, self.args.head_dim, self.dtype)

@@ -121,7 +121,9 @@ def _print_output(llm, out, show_exits: bool, as_json: bool) -> None:
 def _build_llm(args):
     from eeserve.entrypoints.llm import LLM
 
-    return LLM.from_config(engine_config_from_args(args))
+    llm = LLM.from_config(engine_config_from_args(args))
+    print(f"eeserve: {llm.engine.kernel_report}", file=sys.stderr)
+    return llm
 
 
 def cmd_generate(args) -> int:
@@ -177,6 +179,12 @@ def cmd_bench_serve(args) -> int:
     return bench_main(args)
 
 
+def cmd_tune_kernels(args) -> int:
+    from eeserve.entrypoints.tune_kernels import main as tune_main
+
+    return tune_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(prog="eeserve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -215,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # server extras not installed
         pass
     bs.set_defaults(func=cmd_bench_serve)
+
+    k = sub.add_parser("tune-kernels", help="measure the matrix-product kernels on this machine (cached for later starts)")
+    from eeserve.entrypoints.tune_kernels import add_cli_args as add_tune_kernels_args
+
+    add_tune_kernels_args(k)
+    k.set_defaults(func=cmd_tune_kernels)
 
     _add_tuning_commands(sub)
     return p

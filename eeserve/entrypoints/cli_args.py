@@ -6,10 +6,10 @@ import argparse
 
 from eeserve.config import (
     CONFIDENCE_MEASURES,
-    DTYPES,
     EXIT_HEAD_TYPES,
     EXIT_POLICIES,
     KV_FILLS,
+    MODEL_DTYPES,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -81,7 +81,11 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
         g.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
     g.add_argument("--model", default=None,
                    help="alias (smollm2-135m, the default), a .gguf file, or a Hugging Face model folder")
-    g.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and compute dtype (default float32)")
+    g.add_argument("--dtype", default="auto", choices=MODEL_DTYPES,
+                   help="weight dtype; auto (default): bfloat16 where the CPU has AMX/AVX512-BF16 and bf16 products "
+                        "measure faster, else float32 (on CPUs activations and KV cache stay float32)")
+    g.add_argument("--kernel-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the matrix-product forms once per machine (cached) and use the fastest (default on)")
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
     g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="token slots per KV cache block (default 16)")
@@ -185,7 +189,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
 
     try:
         return EngineConfig(
-            model=ModelConfig(model=model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, seed=a.seed),
+            model=ModelConfig(model=model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, seed=a.seed,
+                              kernel_tuning=a.kernel_tuning),
             cache=CacheConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory),
             scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens),
             early_exit=resolve_early_exit(model, early_exit_overrides(a)),

@@ -27,7 +27,8 @@ class LLM:
 
     Args:
         model: alias (``smollm2-135m``), a ``.gguf`` file or a Hugging Face folder.
-        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        dtype: ``auto`` (default: bfloat16 where the CPU has bf16 instructions and it measures
+            faster, else float32), ``float32``, ``bfloat16`` or ``float16``.
         device: ``cpu`` (default) or ``cuda``.
         max_model_len: context length (default: the model's).
         block_size, num_kv_blocks, kv_cache_memory: KV cache (see ``CacheConfig``).
@@ -45,7 +46,7 @@ class LLM:
         self,
         model: str = "smollm2-135m",
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         max_model_len: int | None = None,
         block_size: int = 16,
@@ -56,13 +57,15 @@ class LLM:
         early_exit: EarlyExitConfig | dict | None = None,
         seed: int = 0,
         debug_nan_fill: bool = False,
+        kernel_tuning: bool = True,
     ) -> None:
         from eeserve.early_exit.defaults import resolve_early_exit
 
         if early_exit is None or isinstance(early_exit, dict):
             early_exit = resolve_early_exit(model, dict(early_exit or {}))
         config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
+                              kernel_tuning=kernel_tuning),
             cache=CacheConfig(
                 block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                 debug_nan_fill=debug_nan_fill,

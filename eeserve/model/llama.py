@@ -5,8 +5,8 @@ embeddings (Su et al. 2021, arXiv 2104.09864), SwiGLU MLP, grouped-query attenti
 2023, arXiv 2305.13245). Qwen2 adds q/k/v biases.
 
 Weights are stored as ``[out, in]`` (contiguous) with q/k/v and gate/up fused, and every
-product goes through ``linear``, which picks the fast form for the device (on CPUs, ``W @ x^T``
-with the row count padded by ``padded_rows``; docs/benchmarks.md). The model keeps no per-forward state:
+product goes through ``linear`` (``eeserve.model.kernels``), which runs the form measured fastest
+on this machine for the weight's shape and the row count. The model keeps no per-forward state:
 metadata and the KV cache are arguments of ``run_layers``.
 """
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eeserve.model.attention import AttentionMetadata, paged_attention
+from eeserve.model.kernels import linear
 from eeserve.worker.kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -80,44 +81,15 @@ class ModelArgs:
         """FLOPs of an LM head over ``vocab`` ids (default: the full vocabulary) for one token."""
         return 2.0 * self.hidden_size * (self.vocab_size if vocab is None else vocab)
 
+    def linear_shapes(self) -> list[tuple[int, int, int]]:
+        """(out, in, products per token) of every weight the model multiplies by: fused q/k/v,
+        o, fused gate/up, down in each layer, and the LM head."""
+        h, i, q_dim, n = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_layers
+        return [(q_dim + 2 * self.kv_dim, h, n), (h, q_dim, n), (2 * i, h, n), (h, i, n), (self.vocab_size, h, 1)]
+
     def full_depth_flops(self) -> float:
         """FLOPs of one token through all layers and the LM head (no early exit)."""
         return self.num_layers * self.layer_flops() + self.head_flops()
-
-
-SMALL_BATCH_ROWS = 16  # up to this many rows ``linear`` uses W @ x^T on CPUs
-
-
-def padded_rows(m: int) -> int:
-    """Rows ``linear`` computes for ``m`` rows on CPUs (``m`` <= ``SMALL_BATCH_ROWS``): MKL's fp32
-    ``W @ x^T`` takes a slow path at some column counts, so those are padded with zero rows. On the
-    2-core AVX2 machine (benchmarks/matmul_forms.py, a whole decode step of the default model) 1
-    row costs more than 2, 3 more than 4, 7 more than 8, and 9-15 rows more than 16 (13-15 rows
-    about 1.5x); 5 and 6 rows are fastest as they are."""
-    if m in (1, 3, 7):
-        return m + 1
-    if 8 < m < SMALL_BATCH_ROWS:
-        return SMALL_BATCH_ROWS
-    return m
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T``: [M, in] x [out, in] -> [M, out], contiguous.
-
-    On CPUs, for M <= ``SMALL_BATCH_ROWS``, MKL's fp32 product streams a weight of this layout
-    fastest as the left operand, ``weight @ x^T``, with the row count padded by ``padded_rows``.
-    On the 2-core AVX2 machine (benchmarks/matmul_forms.py) that is about 1.5x faster than ``x @
-    W_t`` (the weight pre-transposed) at one row and 2-4x faster at 2-16 rows; at larger M it
-    loses to ``F.linear``, which every other case uses.
-    """
-    m = x.shape[0]
-    if x.device.type != "cpu" or m > SMALL_BATCH_ROWS:
-        return F.linear(x, weight)
-    p = padded_rows(m)
-    if p != m:
-        x = torch.cat([x, x.new_zeros(p - m, x.shape[1])])
-        return (weight @ x.t())[:, :m].t().contiguous()
-    return (weight @ x.t()).t().contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -157,18 +129,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class DecoderLayer(nn.Module):
     """One pre-norm Llama block with fused, pre-transposed projections."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device,
+                 weight_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         h, q_dim, kv_dim, i = args.hidden_size, args.num_heads * args.head_dim, args.kv_dim, args.intermediate_size
-        kw = dict(dtype=dtype, device=device)
+        kw, wkw = dict(dtype=dtype, device=device), dict(dtype=weight_dtype or dtype, device=device)
         self.args = args
         self.input_norm = nn.Parameter(torch.ones(h, **kw), requires_grad=False)
         self.post_norm = nn.Parameter(torch.ones(h, **kw), requires_grad=False)
-        self.qkv_w = nn.Parameter(torch.empty(q_dim + 2 * kv_dim, h, **kw), requires_grad=False)
+        self.qkv_w = nn.Parameter(torch.empty(q_dim + 2 * kv_dim, h, **wkw), requires_grad=False)
         self.qkv_bias = nn.Parameter(torch.zeros(q_dim + 2 * kv_dim, **kw), requires_grad=False) if args.qkv_bias else None
-        self.o_w = nn.Parameter(torch.empty(h, q_dim, **kw), requires_grad=False)
-        self.gate_up_w = nn.Parameter(torch.empty(2 * i, h, **kw), requires_grad=False)
-        self.down_w = nn.Parameter(torch.empty(h, i, **kw), requires_grad=False)
+        self.o_w = nn.Parameter(torch.empty(h, q_dim, **wkw), requires_grad=False)
+        self.gate_up_w = nn.Parameter(torch.empty(2 * i, h, **wkw), requires_grad=False)
+        self.down_w = nn.Parameter(torch.empty(h, i, **wkw), requires_grad=False)
         self.scale = args.head_dim**-0.5
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,23 +179,44 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm and LM head of a Llama-family model."""
+    """Embedding, decoder layers, final norm and LM head of a Llama-family model.
 
-    def __init__(self, args: ModelArgs, hf_config, dtype: torch.dtype, device: torch.device, max_len: int) -> None:
+    Args:
+        dtype: dtype of the residual stream, norms, rotary tables and KV cache.
+        weight_dtype: dtype of the matrices (projections, embedding, LM head); default ``dtype``.
+            bfloat16 weights with a float32 ``dtype`` run every product in bf16 with fp32
+            accumulation and keep everything else in fp32.
+    """
+
+    def __init__(self, args: ModelArgs, hf_config, dtype: torch.dtype, device: torch.device, max_len: int,
+                 weight_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.args = args
-        kw = dict(dtype=dtype, device=device)
-        self.embed_tokens = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, **kw), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(args, dtype, device) for _ in range(args.num_layers))
+        self._dtype = dtype
+        wdt = weight_dtype or dtype
+        kw, wkw = dict(dtype=dtype, device=device), dict(dtype=wdt, device=device)
+        self.embed_tokens = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, **wkw), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(args, dtype, device, wdt) for _ in range(args.num_layers))
         self.norm_weight = nn.Parameter(torch.ones(args.hidden_size, **kw), requires_grad=False)
-        self.lm_head_w = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, **kw), requires_grad=False)
+        self.lm_head_w = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, **wkw), requires_grad=False)
         cos, sin = rope_tables(hf_config, args.head_dim, max_len, device)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
+        """Activation dtype (residual stream, KV cache)."""
+        return self._dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """Every matrix that goes through ``linear``: each layer's q/k/v, o, gate/up, down, and
+        the LM head."""
+        out = [w for layer in self.layers for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)]
+        return out + [self.lm_head_w]
 
     @property
     def device(self) -> torch.device:
@@ -263,8 +257,8 @@ class LlamaModel(nn.Module):
             layer.down_w.copy_(get(p + "mlp.down_proj.weight"))
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """token_ids: [T] int64 -> [T, H]."""
-        return self.embed_tokens[token_ids]
+        """token_ids: [T] int64 -> [T, H] in the activation dtype."""
+        return self.embed_tokens[token_ids].to(self._dtype)
 
     def run_layers(
         self, h: torch.Tensor, start: int, end: int, meta: AttentionMetadata, kv_cache: KVCache
