@@ -7,8 +7,9 @@ so they stream from memory as in decode, not from cache) in three forms:
 - ``x @ W_t``: the weight stored pre-transposed, ``[in, out]`` (eeserve's layout before 2026-11-29);
 - ``F.linear``: the weight as ``[out, in]``, PyTorch's default form;
 - ``W @ x^T``: the weight as ``[out, in]`` as the left operand, one row padded to two;
-- ``linear`` (``eeserve.model.llama.linear``): ``W @ x^T`` up to ``SMALL_BATCH_ROWS`` rows, the
-  row count padded by ``padded_rows``, else ``F.linear``.
+- ``linear`` (``eeserve.model.kernels.linear``) without a tuned plan installed: the legacy rule
+  (``kernels.legacy_choice``: ``W @ x^T`` up to 16 rows with some row counts padded, else
+  ``F.linear``). The engine now measures its forms per machine (``eeserve tune-kernels``).
 
 It prints the median time per product (microseconds) and the speed-up of ``linear`` over
 ``x @ W_t``, checks the forms agree, and writes docs/matmul_forms.png. A second table adds the
