@@ -6,6 +6,8 @@ receives one of these objects.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,10 +23,54 @@ KV_FILLS = ("propagate", "recompute")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", *DTYPES)  # auto: measured, see eeserve.model.kernels.choose_dtype
 
+# The thresholds each confidence measure allows, [low, high] (the range of its score): a token
+# exits when its score is >= the threshold (<= for entropy). The CLI, the HTTP server and the
+# Python API all check against this table, through ``check_threshold``.
+THRESHOLD_RANGES: dict[str, tuple[float, float, str]] = {
+    "softmax": (0.0, 1.0, "max probability"),
+    "margin": (0.0, 1.0, "top-1 minus top-2 probability"),
+    "entropy": (0.0, math.inf, "entropy in nats"),
+    "saturation": (-1.0, 1.0, "cosine similarity"),
+    "classifier": (0.0, 1.0, "learned probability"),
+}
+assert tuple(THRESHOLD_RANGES) == CONFIDENCE_MEASURES
+
 
 def _require(ok: bool, where: str, allowed: str, value: object) -> None:
     if not ok:
         raise ValueError(f"{where} must be {allowed}, got {value!r}")
+
+
+def is_int(v: object) -> bool:
+    """An integer that is not a bool (True is an int in Python, never a count here)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v: object) -> bool:
+    """A finite real number that is not a bool (NaN and infinities are refused)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def threshold_range(measure: str) -> str:
+    """The allowed thresholds of ``measure`` in words, e.g. ``a number in [0, 1] (max probability)``."""
+    low, high, what = THRESHOLD_RANGES[measure]
+    rng = f"a number >= {low:g}" if math.isinf(high) else f"a number in [{low:g}, {high:g}]"
+    return f"{rng} for confidence {measure!r} ({what})"
+
+
+def check_threshold(measure: str, value: object, where: str = "threshold") -> float:
+    """Validate one threshold of confidence measure ``measure``.
+
+    Returns:
+        the threshold as a float.
+
+    Raises:
+        ValueError: ``value`` is not a finite number in ``THRESHOLD_RANGES[measure]``; the
+            message names ``where`` and the range.
+    """
+    low, high, _ = THRESHOLD_RANGES[measure]
+    _require(is_number(value) and low <= float(value) <= high, where, threshold_range(measure), value)
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -167,42 +213,67 @@ class EarlyExitConfig:
     max_draft_tokens: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {', '.join(EXIT_POLICIES)}", self.exit_policy)
-        _require(self.exit_head in EXIT_HEAD_TYPES, "exit_head", f"one of {', '.join(EXIT_HEAD_TYPES)}", self.exit_head)
-        _require(
-            self.confidence in CONFIDENCE_MEASURES,
-            "confidence", f"one of {', '.join(CONFIDENCE_MEASURES)}", self.confidence,
-        )
-        _require(self.kv_fill in KV_FILLS, "kv_fill", f"one of {', '.join(KV_FILLS)}", self.kv_fill)
-        object.__setattr__(self, "exit_layers", tuple(int(e) for e in self.exit_layers))
+        for name, allowed in (("exit_policy", EXIT_POLICIES), ("exit_head", EXIT_HEAD_TYPES),
+                              ("confidence", CONFIDENCE_MEASURES), ("kv_fill", KV_FILLS)):
+            v = getattr(self, name)
+            _require(isinstance(v, str) and v in allowed, name, f"one of {', '.join(allowed)}", v)
         layers = self.exit_layers
         _require(
-            all(e >= 1 for e in layers) and list(layers) == sorted(set(layers)),
+            isinstance(layers, (list, tuple)) and all(is_int(e) and e >= 1 for e in layers)
+            and list(layers) == sorted(set(layers)),
             "exit_layers", "strictly increasing layer counts >= 1", layers,
         )
-        if isinstance(self.threshold, (list, tuple)) and len(self.threshold) == 1:
-            object.__setattr__(self, "threshold", float(self.threshold[0]))
-        if isinstance(self.threshold, (list, tuple)):
-            object.__setattr__(self, "threshold", tuple(float(t) for t in self.threshold))
-            _require(len(layers) > 0, "threshold", "one number when no exit_layers are given", self.threshold)
-            _require(
-                len(self.threshold) == len(layers),
-                "threshold", f"one number or {len(layers)} numbers (one per exit layer)" if len(layers) > 1
-                else "one number (there is one exit layer)", self.threshold,
-            )
-        _require(self.min_exit_layer >= 1, "min_exit_layer", "an integer >= 1", self.min_exit_layer)
-        _require(self.vocab_prune_k >= 0, "vocab_prune_k", "an integer >= 0", self.vocab_prune_k)
-        _require(self.max_exit_batch is None or self.max_exit_batch >= 0, "max_exit_batch",
-                 "an integer >= 0 (0 = no limit) or None (the device's default)", self.max_exit_batch)
+        layers = tuple(int(e) for e in layers)
+        object.__setattr__(self, "exit_layers", layers)
+        self._check_threshold()
+        _require(self.exit_heads is None or isinstance(self.exit_heads, str), "exit_heads",
+                 "None or the path of a folder with exit_heads.safetensors and exit_config.json", self.exit_heads)
+        _require(is_int(self.min_exit_layer) and self.min_exit_layer >= 1, "min_exit_layer", "an integer >= 1",
+                 self.min_exit_layer)
+        _require(is_int(self.vocab_prune_k) and self.vocab_prune_k >= 0, "vocab_prune_k", "an integer >= 0",
+                 self.vocab_prune_k)
+        _require(self.max_exit_batch is None or (is_int(self.max_exit_batch) and self.max_exit_batch >= 0),
+                 "max_exit_batch", "an integer >= 0 (0 = no limit) or None (the device's default)", self.max_exit_batch)
         if self.exit_policy != "none":
             _require(len(layers) > 0, "exit_layers", "non-empty when exit_policy is not none", layers)
+            _require(self.min_exit_layer <= layers[-1], "min_exit_layer",
+                     f"<= the last exit layer ({layers[-1]}), or no exit point is left", self.min_exit_layer)
         _require(isinstance(self.verify_exits, bool), "verify_exits", "True or False", self.verify_exits)
-        _require(self.max_draft_tokens >= 0, "max_draft_tokens", "an integer >= 0 (0 = no limit)", self.max_draft_tokens)
+        _require(is_int(self.max_draft_tokens) and self.max_draft_tokens >= 0, "max_draft_tokens",
+                 "an integer >= 0 (0 = no limit)", self.max_draft_tokens)
         if self.verify_exits and self.kv_fill != "recompute":
             raise ValueError(
                 f"verify_exits must be used with kv_fill 'recompute' (an exit is verified by the deferred pass "
                 f"over its skipped layers), got kv_fill {self.kv_fill!r}: set kv_fill='recompute' (--kv-fill recompute)"
             )
+
+    def _check_threshold(self) -> None:
+        """One number, or one per exit layer, each in the confidence measure's range."""
+        t, layers = self.threshold, self.exit_layers
+        if isinstance(t, (list, tuple)) and len(t) == 1:
+            t = t[0]
+        if not isinstance(t, (list, tuple)):
+            object.__setattr__(self, "threshold", check_threshold(self.confidence, t))
+            return
+        _require(len(layers) > 0, "threshold", "one number when no exit_layers are given", t)
+        _require(
+            len(t) == len(layers),
+            "threshold", f"one number or {len(layers)} numbers (one per exit layer)" if len(layers) > 1
+            else "one number (there is one exit layer)", t,
+        )
+        object.__setattr__(self, "threshold", tuple(check_threshold(self.confidence, v) for v in t))
+
+    def check_model(self, num_layers: int) -> None:
+        """Check the exit points against a model of ``num_layers`` decoder layers.
+
+        ``min_exit_layer`` needs no check here: ``__post_init__`` keeps it at most the last exit layer.
+
+        Raises:
+            ValueError: an exit layer outside 1..num_layers-1.
+        """
+        top = num_layers - 1
+        bad = [e for e in self.exit_layers if not 1 <= e <= top]
+        _require(not bad, "exit_layers", f"in 1..{top} for this {num_layers}-layer model", list(bad))
 
     @property
     def enabled(self) -> bool:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from eeserve.config import is_int, is_number
+from eeserve.errors import InvalidRequestError
 
 _MAX_SEED = 2**63 - 1
+MAX_N = 64  # most sequences one request may ask for
+MAX_LOGPROBS = 20  # most top logprobs per token (OpenAI's limit)
+MAX_LOGIT_BIAS = 100.0  # |bias| limit (OpenAI's)
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+        raise InvalidRequestError(f"SamplingParams.{name} must be {allowed}, got {value!r}", param=name)
 
 
 @dataclass
@@ -19,22 +26,81 @@ class EarlyExitOverride:
     Attributes:
         enabled: False runs every layer for this request's tokens.
         threshold: a global confidence threshold for this request, or None to keep the
-            engine's per-exit thresholds.
+            engine's per-exit thresholds. Its range depends on the engine's confidence measure
+            (``eeserve.config.THRESHOLD_RANGES``); the engine checks it when the request is added.
+
+    Raises:
+        ValueError: ``enabled`` not a bool, ``threshold`` not a finite number or None.
     """
 
     enabled: bool = True
     threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
-            raise ValueError(
-                f"early_exit.threshold must be a number or None, got {self.threshold!r}"
-            )
+        if not isinstance(self.enabled, bool):
+            raise InvalidRequestError(f"SamplingParams.early_exit.enabled must be True or False, got {self.enabled!r}",
+                                      param="early_exit.enabled")
+        if self.threshold is not None:
+            if not is_number(self.threshold):
+                raise InvalidRequestError(
+                    f"SamplingParams.early_exit.threshold must be a finite number or None, got {self.threshold!r}",
+                    param="early_exit.threshold")
+            self.threshold = float(self.threshold)
+
+    @classmethod
+    def coerce(cls, value: object) -> EarlyExitOverride | None:
+        """An override from None, an ``EarlyExitOverride`` or a dict of its fields.
+
+        Raises:
+            ValueError: anything else, or a dict with other keys.
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            names = {f.name for f in fields(cls)}
+            extra = [k for k in value if k not in names]
+            if extra:
+                raise InvalidRequestError(
+                    f"SamplingParams.early_exit has unknown fields {extra}; allowed: {', '.join(sorted(names))}",
+                    param="early_exit")
+            return cls(**value)
+        raise InvalidRequestError(
+            "SamplingParams.early_exit must be None, an EarlyExitOverride or a dict with 'enabled' and/or "
+            f"'threshold', got {value!r}", param="early_exit")
+
+
+def _stop_list(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    _check(isinstance(stop, (list, tuple)), "stop", "a string or a list of non-empty strings", stop)
+    return list(stop)  # type: ignore[arg-type]
+
+
+def _logit_bias(bias: object) -> dict[int, float] | None:
+    """``{token id: bias}``; keys may be ints or decimal strings (JSON object keys)."""
+    if bias is None:
+        return None
+    allowed = f"a mapping of token ids to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+    _check(isinstance(bias, Mapping), "logit_bias", allowed, bias)
+    out: dict[int, float] = {}
+    for k, v in bias.items():  # type: ignore[union-attr]
+        tid = int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k
+        _check(is_int(tid) and tid >= 0, "logit_bias", allowed + " (keys are token ids >= 0)", k)
+        _check(is_number(v) and abs(float(v)) <= MAX_LOGIT_BIAS, "logit_bias", allowed, v)
+        out[int(tid)] = float(v)
+    return out
 
 
 @dataclass
 class SamplingParams:
     """How to sample the tokens of one request (vLLM's names and defaults).
+
+    Every field is checked here, without knowing the model; the engine's ``add_request`` checks
+    what needs the model (token ids against the vocabulary, ``max_tokens`` against the context,
+    ``early_exit.threshold`` against the confidence measure). The Python API and the HTTP server
+    both go through these two checks.
 
     Raises:
         ValueError: at construction, naming the field and its allowed values.
@@ -58,24 +124,27 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token (plus the chosen one)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     early_exit: EarlyExitOverride | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _stop_list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        _check(isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids", "a list of token ids >= 0",
+               self.stop_token_ids)
+        self.stop_token_ids = list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
-        if isinstance(self.early_exit, dict):
-            self.early_exit = EarlyExitOverride(**self.early_exit)
-        _check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n)
+        self.early_exit = EarlyExitOverride.coerce(self.early_exit)
+        self.logit_bias = _logit_bias(self.logit_bias)
+        _check(is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"an integer in [1, {MAX_N}]", self.n)
         _check(
-            isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0,
-            "temperature", "a number in [0, 100] (0 = greedy)", self.temperature,
+            is_number(self.temperature) and 0.0 <= self.temperature <= 2.0,
+            "temperature", "a number in [0, 2] (0 = greedy)", self.temperature,
         )
         _check(
-            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+            is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
             "top_p", "a number in (0, 1]", self.top_p,
         )
         _check(
@@ -83,26 +152,26 @@ class SamplingParams:
             "top_k", "an integer >= 1, or 0 / -1 to disable", self.top_k,
         )
         _check(
-            isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0,
+            is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
             "min_p", "a number in [0, 1]", self.min_p,
         )
         _check(
-            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= _MAX_SEED),
+            self.seed is None or (is_int(self.seed) and 0 <= self.seed <= _MAX_SEED),
             "seed", f"None or an integer in [0, {_MAX_SEED}]", self.seed,
         )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and -2.0 <= v <= 2.0, name, "a number in [-2, 2]", v)
+            _check(is_number(v) and -2.0 <= v <= 2.0, name, "a number in [-2, 2]", v)
         _check(
-            isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty <= 10.0,
+            is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
             "repetition_penalty", "a number in (0, 10]", self.repetition_penalty,
         )
         _check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens", "None or an integer >= 1", self.max_tokens,
         )
         _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            is_int(self.min_tokens) and self.min_tokens >= 0,
             "min_tokens", "an integer >= 0", self.min_tokens,
         )
         if self.max_tokens is not None:
@@ -112,15 +181,24 @@ class SamplingParams:
             )
         _check(
             all(isinstance(s, str) and s for s in self.stop),
-            "stop", "a list of non-empty strings", self.stop,
+            "stop", "a string or a list of non-empty strings", self.stop,
         )
         _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            all(is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids", "a list of token ids >= 0", self.stop_token_ids,
         )
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and 0 <= v <= 20), name, "None or an integer in [0, 20]", v)
+            _check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS), name,
+                   f"None or an integer in [0, {MAX_LOGPROBS}]", v)
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            v = getattr(self, name)
+            _check(isinstance(v, bool), name, "True or False", v)
+
+    def token_ids_used(self) -> list[tuple[str, int]]:
+        """(field, token id) of every token id this request names, for the engine's vocabulary check."""
+        return [("stop_token_ids", t) for t in self.stop_token_ids] + [
+            ("logit_bias", t) for t in (self.logit_bias or {})]
 
     @property
     def greedy(self) -> bool:

@@ -96,6 +96,9 @@ def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig
         # per-exit thresholds of the heads folder no longer line up with new exit layers
         if isinstance(merged.get("threshold"), tuple):
             merged.pop("threshold")
+    if "exit_layers" in overrides and "min_exit_layer" not in overrides:
+        # the folder's lower bound was chosen for its own exit layers
+        merged.pop("min_exit_layer", None)
     if "exit_policy" not in merged and merged.get("exit_layers"):
         merged["exit_policy"] = "token"
     if merged.get("exit_policy", "none") != "none" and not merged.get("exit_layers"):

@@ -408,15 +408,12 @@ def build_exit_executor(config: EarlyExitConfig, model: LlamaModel, kv_cache: KV
     """Validate the early-exit settings against the model and load the heads.
 
     Raises:
-        ValueError: exit layers outside 1..L-1, a head type or confidence measure that needs a
+        ValueError: exit layers or min_exit_layer outside 1..L-1, a head type or confidence measure that needs a
             heads folder that was not given, heads made for another model.
     """
     from eeserve.model import loader
 
-    L = model.args.num_layers
-    bad = [e for e in config.exit_layers if not 1 <= e < L]
-    if bad:
-        raise ValueError(f"exit_layers must be in 1..{L - 1} for this {L}-layer model, got {list(bad)}")
+    config.check_model(model.args.num_layers)
     if config.exit_heads is None:
         if config.exit_head != "shared":
             raise ValueError(f"exit_head {config.exit_head!r} needs trained heads: pass exit_heads (--exit-heads DIR)")

@@ -10,15 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Union
 
 import torch
 
-from eeserve.config import EarlyExitConfig, EngineConfig
+from eeserve.config import EarlyExitConfig, EngineConfig, check_threshold
 from eeserve.core.interfaces import StepStats
 from eeserve.core.kv_manager import KVCacheManager, cdiv
 from eeserve.core.scheduler import Scheduler
 from eeserve.engine.detokenizer import IncrementalDetokenizer
+from eeserve.errors import InvalidRequestError
+from eeserve.inputs import PromptType, parse_prompt
 from eeserve.model import kernels, loader
 from eeserve.model.llama import LlamaModel, ModelArgs
 from eeserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -28,7 +29,6 @@ from eeserve.worker.kv_cache import KVCache, kv_bytes_per_block
 from eeserve.worker.model_runner import ModelRunner, logits_for_prompt
 from eeserve.worker.sampler import Sampler
 
-PromptType = Union[str, list[int]]
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_kv_blocks nor kv_cache_memory is set
 
 logger = logging.getLogger(__name__)
@@ -172,25 +172,61 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         """Return (prompt text or None, token ids).
 
+        Args:
+            prompt: a string, a list of token ids, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``.
+            add_special_tokens: for a string, let the tokenizer add its BOS (if it has one).
+
         Raises:
-            ValueError: for an empty prompt or token ids outside the vocabulary.
+            InvalidRequestError (a ValueError): a prompt of another form, not valid Unicode text,
+                empty, or token ids outside the vocabulary.
         """
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            text: str | None = prompt
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids, text = list(prompt), None
+        p = parse_prompt(prompt)
+        if isinstance(p, str):
+            ids = self.tokenizer.encode(p, add_special_tokens=add_special_tokens)
+            text: str | None = p
+        else:
+            ids, text = p, None
             bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
             if bad:
-                raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size}), got {bad[:5]}")
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+                raise InvalidRequestError(
+                    f"prompt token ids must be in [0, {self.args.vocab_size}), got {bad[:5]}", param="prompt")
         if not ids:
-            raise ValueError("prompt is empty: give at least one token")
+            raise InvalidRequestError("prompt is empty: give at least one token", param="prompt")
         return text, ids
+
+    def check_params(self, params: SamplingParams, num_prompt_tokens: int) -> None:
+        """What ``SamplingParams`` cannot check without the model: token ids against the vocabulary,
+        the context length, the early-exit threshold against the confidence measure. The Python
+        API and the server both call this (through ``add_request``).
+
+        Raises:
+            InvalidRequestError (a ValueError): naming the field.
+        """
+        V = self.args.vocab_size
+        for name, t in params.token_ids_used():
+            if t >= V:
+                raise InvalidRequestError(f"SamplingParams.{name} must hold token ids in [0, {V}), got {t}", param=name)
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise InvalidRequestError(
+                f"prompt is {num_prompt_tokens} tokens but the context length (max_model_len) is "
+                f"{limit}; shorten the prompt to at most {limit - 1} tokens", param="prompt",
+                code="context_length_exceeded")
+        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"SamplingParams.max_tokens must be at most {limit - num_prompt_tokens} (the context length "
+                f"{limit} minus the prompt's {num_prompt_tokens} tokens), got {params.max_tokens}; "
+                "reduce the prompt or max_tokens, or give None for up to the context length",
+                param="max_tokens", code="context_length_exceeded")
+        ov = params.early_exit
+        if ov is not None and ov.threshold is not None:
+            try:
+                check_threshold(self.config.early_exit.confidence, ov.threshold, "SamplingParams.early_exit.threshold")
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param="early_exit.threshold") from None
 
     def add_request(
         self,
@@ -199,20 +235,20 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Tokenize and queue a request (n child sequences when ``params.n > 1``).
+        """Tokenize, check and queue a request (n child sequences when ``params.n > 1``).
 
         Raises:
-            ValueError: bad prompt, id in use, or a prompt that does not fit the context.
+            ValueError: bad prompt or parameters (``InvalidRequestError``, naming the field), id
+                in use, a prompt or ``max_tokens`` that does not fit the context.
         """
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(params).__name__}",
+                                      param="sampling_params")
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {len(ids)} tokens but the context length (max_model_len) is "
-                f"{self.max_model_len}; shorten the prompt to at most {self.max_model_len - 1} tokens"
-            )
+        self.check_params(params, len(ids))
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         now = arrival_time if arrival_time is not None else time.time()

@@ -8,7 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from eeserve.config import CacheConfig, EarlyExitConfig, EngineConfig, ModelConfig, SchedulerConfig
-from eeserve.engine.llm_engine import LLMEngine, PromptType
+from eeserve.engine.llm_engine import LLMEngine
+from eeserve.entrypoints.chat_utils import parse_chat_messages
+from eeserve.errors import InvalidRequestError
+from eeserve.inputs import PromptType, parse_prompts
 from eeserve.outputs import RequestOutput
 from eeserve.sampling_params import SamplingParams
 
@@ -97,10 +100,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate completions for one or many prompts (strings or token-id lists).
+        """Generate completions for one or many prompts.
 
         Args:
-            prompts: a prompt or a list of prompts.
+            prompts: a prompt or a list of prompts; a prompt is a string, a list of token ids,
+                ``{"prompt": str}`` or ``{"prompt_token_ids": [ids]}`` (vLLM's forms).
             sampling_params: one for all prompts, or one per prompt.
             use_tqdm: show a progress bar with output tokens/s (for more than one prompt).
 
@@ -108,21 +112,25 @@ class LLM:
             one ``RequestOutput`` per prompt, in prompt order.
 
         Raises:
-            ValueError: bad prompt or a mismatched number of sampling params; nothing is queued then.
+            ValueError: bad prompt or sampling params (``InvalidRequestError``, naming the field, as
+                the server's 400 does), or a mismatched number of sampling params; nothing is
+                queued then.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = parse_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
-        else:
+        elif isinstance(sampling_params, (list, tuple)):
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts; give one or one per prompt"
                 )
+        else:
+            raise InvalidRequestError(
+                f"sampling_params must be a SamplingParams or a list of them, got {type(sampling_params).__name__}",
+                param="sampling_params")
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):
@@ -171,23 +179,28 @@ class LLM:
         """Generate replies to one conversation or a list of them, using the model's chat template.
 
         Args:
-            messages: ``[{"role": "user", "content": "..."}, ...]`` or a list of such lists.
+            messages: ``[{"role": "user", "content": "..."}, ...]`` or a list of such lists;
+                ``content`` is a string or OpenAI's list of ``{"type": "text", "text": ...}`` parts.
 
         Raises:
-            ValueError: a message without ``role``/``content``.
+            ValueError: a malformed message (``InvalidRequestError`` naming it, as the server's 400).
         """
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if isinstance(messages, (list, tuple)) and messages and all(isinstance(c, (list, tuple)) for c in messages):
+            conversations = list(messages)
+        else:
+            conversations = [messages]
         prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(
         self, conversation: list[Message], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
     ) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
-        for i, m in enumerate(conversation):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+        """Token ids of a conversation rendered with the model's chat template.
+
+        Raises:
+            ValueError: a malformed message (see ``chat``).
+        """
         text = self.engine.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+            parse_chat_messages(conversation), tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
         )
         return self.engine.tokenizer.encode(text, add_special_tokens=False)

@@ -4,6 +4,7 @@ Order of operations, per row of logits:
 
 1. logprobs (chosen token, its rank, top-N) from ``log_softmax`` of the RAW logits;
 2. ``min_tokens``: EOS and ``stop_token_ids`` masked to -inf until enough tokens were produced;
+   ``logit_bias`` added to its token ids' logits (vLLM's and OpenAI's order: before penalties);
 3. penalties: repetition (prompt + output ids), then frequency and presence (output counts);
 4. greedy rows (temperature < 1e-5) take the argmax;
 5. other rows: temperature, top-k, top-p, min-p, then the exponential race
@@ -261,6 +262,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
 
         self._apply_min_tokens(logits, meta)
+        self._apply_logit_bias(logits, meta)
         rep = [p.repetition_penalty for p in params]
         freq = [p.frequency_penalty for p in params]
         pres = [p.presence_penalty for p in params]
@@ -292,6 +294,20 @@ class Sampler:
                     cols.append(t)
         if rows:
             logits[rows, cols] = float("-inf")
+
+    def _apply_logit_bias(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
+        """Add each row's ``logit_bias`` to its token ids' logits, in place (ids were checked
+        against the vocabulary when the request was added)."""
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        for i, p in enumerate(meta.params):
+            for t, b in (p.logit_bias or {}).items():
+                rows.append(i)
+                cols.append(t)
+                vals.append(b)
+        if rows:
+            logits[rows, cols] += torch.tensor(vals, dtype=logits.dtype, device=logits.device)
 
     def _random_probs(
         self, logits: torch.Tensor, rows: list[int], meta: SamplingMetadata

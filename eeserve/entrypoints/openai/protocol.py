@@ -1,7 +1,11 @@
 """Request and response bodies of the OpenAI-compatible API (OpenAI's field names, vLLM's extras).
 
-Requests forbid unknown fields, so a typo is a 400 rather than a silently ignored setting.
-Each choice carries ``exit_layers``: per generated token, the number of layers it ran.
+Requests forbid unknown fields, so a typo is a 400 rather than a silently ignored setting, and
+types are strict (``"max_tokens": true`` or ``"stream": "yes"`` is a 400, as at OpenAI). The models
+check only the JSON types: value ranges are checked by ``SamplingParams`` and the engine, and
+prompts and messages by ``eeserve.inputs`` / ``chat_utils``, the same code the Python API runs, so
+the two never disagree. Each choice carries ``exit_layers``: per generated token, the number of
+layers it ran.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from eeserve.entrypoints.chat_utils import CHAT_ROLES
+from eeserve.inputs import parse_prompts
 from eeserve.sampling_params import EarlyExitOverride, SamplingParams
 
 
@@ -20,11 +26,15 @@ def random_id(prefix: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class UnsupportedFieldError(ValueError):
+    """An OpenAI field this server cannot honour; ``param`` names it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -56,25 +66,34 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: only ``{"type": "text"}`` (plain text) can be honoured here."""
+
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
 class _SamplingRequest(_Strict):
     """Fields shared by completions and chat completions."""
 
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=64)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored (OpenAI: an end-user id for abuse monitoring)
+    response_format: ResponseFormat | None = None
     # vLLM extras
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    min_tokens: int = Field(0, ge=0)
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -87,12 +106,23 @@ class _SamplingRequest(_Strict):
             return "stream_options can only be set when stream is true"
         return None
 
+    def check_supported(self) -> None:
+        """Refuse what cannot be honoured (JSON output).
+
+        Raises:
+            UnsupportedFieldError: naming the field.
+        """
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            raise UnsupportedFieldError(
+                f"response_format type {rf.type!r} is not supported: this server cannot constrain the output "
+                "to JSON; only {'type': 'text'} is accepted", "response_format")
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Build ``SamplingParams``; raises ValueError naming the field."""
+        """Build ``SamplingParams``; raises ValueError (InvalidRequestError) naming the field."""
         ee = None
         if self.early_exit is not None:
             ee = EarlyExitOverride(enabled=self.early_exit.enabled, threshold=self.early_exit.threshold)
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -105,12 +135,13 @@ class _SamplingRequest(_Strict):
             repetition_penalty=self.repetition_penalty,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
-            stop=stop,
-            stop_token_ids=list(self.stop_token_ids or []),
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.logit_bias,
             early_exit=ee,
         )
 
@@ -120,23 +151,23 @@ class _SamplingRequest(_Strict):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = 16
+    logprobs: int | None = None
     echo: bool = False
 
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens, self.logprobs)
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompts of this request (OpenAI allows one or a batch, as text or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
+        """The prompts of this request (OpenAI allows one or a batch, as text or token ids).
+
+        Raises:
+            InvalidRequestError: an empty batch, an empty id list, or text that is not valid Unicode.
+        """
+        prompts = parse_prompts(self.prompt)
+        if not prompts:
             raise ValueError("prompt must not be empty")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return prompts
 
 
 class CompletionLogprobs(BaseModel):
@@ -173,37 +204,57 @@ class CompletionResponse(BaseModel):
 # ---- chat -----------------------------------------------------------------------------------
 
 
-class ChatMessage(_Open):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+# The shape of a chat message, for the OpenAPI schema only: messages are checked by
+# ``chat_utils.parse_chat_messages``, as in ``LLM.chat``.
+_MESSAGE_SCHEMA = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": list(CHAT_ROLES)},
+        "content": {"anyOf": [
+            {"type": "string"},
+            {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["type", "text"],
+                "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}},
+        ]},
+        "name": {"type": "string"},
+    },
+}
 
-    def text(self) -> str:
-        """The message content as text (text parts of a list joined)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only content parts of type 'text' are supported")
-            parts.append(part["text"])
-        return "\n".join(parts)
+
+def _messages_field() -> Any:
+    return Field(json_schema_extra={"items": _MESSAGE_SCHEMA, "minItems": 1})
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[dict[str, Any]] = _messages_field()
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    # OpenAI's tool calling cannot be honoured here: refused unless empty / "none"
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted and ignored (no tools are called)
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise UnsupportedFieldError(f"{name} are not supported: this server cannot call tools", name)
+        for name in ("tool_choice", "function_call"):
+            v = getattr(self, name)
+            if v is not None and v != "none":
+                raise UnsupportedFieldError(
+                    f"{name} {v!r} is not supported: this server cannot call tools (only 'none' is accepted)", name)
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        max_tokens = self.max_completion_tokens or self.max_tokens
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
 
@@ -293,7 +344,7 @@ class TokenizeCompletionRequest(_Strict):
 
 class TokenizeChatRequest(_Strict):
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[dict[str, Any]] = _messages_field()
     add_generation_prompt: bool = True
 
 

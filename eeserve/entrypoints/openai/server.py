@@ -2,8 +2,11 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streams), GET /v1/models,
 GET /health, GET /metrics (Prometheus), POST /tokenize, POST /detokenize. Errors use OpenAI's
-error object ``{"error": {"message", "type", "param", "code"}}``. A client that disconnects from a
-stream cancels the response generator, which aborts its requests and frees their KV blocks.
+error object ``{"error": {"message", "type", "param", "code"}}``: every bad input is a 4xx (a body
+that is not JSON, nests too deeply or holds text that is not valid Unicode included), and an
+unexpected failure is a 500 that leaves the keep-alive connection usable. Request bodies are read
+as JSON whatever their Content-Type. A client that disconnects from a stream cancels the response
+generator, which aborts its requests and frees their KV blocks.
 """
 
 from __future__ import annotations
@@ -20,18 +23,23 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eeserve.config import EngineConfig
 from eeserve.engine.async_engine import AsyncLLMEngine
+from eeserve.entrypoints.chat_utils import parse_chat_messages
 from eeserve.entrypoints.openai import protocol as P
 from eeserve.entrypoints.openai.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from eeserve.outputs import CompletionOutput, RequestOutput
 from eeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+MAX_JSON_DEPTH = 32  # nesting levels a request body may have (the deepest valid body has 6)
 
 
 class APIError(Exception):
@@ -45,10 +53,25 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def body(self) -> dict:
-        return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
+        msg = _printable(self.message)
+        param = None if self.param is None else _printable(self.param)
+        return P.ErrorResponse(error=P.ErrorInfo(message=msg, type=self.type, param=param, code=self.code)).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def _printable(text: str) -> str:
+    """``text`` with characters that cannot be UTF-8 encoded (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _from_value_error(e: ValueError, prompt_param: str = "prompt") -> APIError:
+    """A 400 for a refused request; ``prompt_param`` is the field that held the prompt."""
+    param = getattr(e, "param", None)
+    if param == "prompt":
+        param = prompt_param
+    return APIError(400, str(e), param=param, code=getattr(e, "code", None))
 
 
 def _validation_error(errors: list[dict]) -> APIError:
@@ -172,7 +195,8 @@ async def _sse_events(engine: AsyncLLMEngine, rids: list[str], streams: list[Asy
         if include_usage:
             yield _sse(make_chunk([], _usage(prompt_lens, finals)).model_dump())
         yield _sse("[DONE]")
-    except (ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
+        logger.exception("error in a stream")
         yield _sse(APIError(500, str(e), type="server_error").body())
         yield _sse("[DONE]")
     finally:
@@ -197,46 +221,35 @@ class _Server:
                            param="model", code="model_not_found")
 
     def params(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> SamplingParams:
+        """Check what the request asks for and build its ``SamplingParams`` (the checks the Python
+        API runs); the engine checks the rest when the request is added.
+
+        Raises:
+            APIError: 400 naming the field.
+        """
         msg = req.check_stream_options()
         if msg is not None:
             raise APIError(400, msg, param="stream_options")
         try:
+            req.check_supported()
             return req.to_sampling_params()
+        except P.UnsupportedFieldError as e:
+            raise APIError(400, str(e), param=e.param, code="unsupported")
         except ValueError as e:
-            msg = str(e)
-            param = msg.split(" ")[0].removeprefix("SamplingParams.") if msg.startswith("SamplingParams.") else None
-            if msg.startswith("top_logprobs"):
-                param = "top_logprobs"
-            raise APIError(400, msg, param=param)
-
-    def check_length(self, ids: list[int], params: SamplingParams, param: str) -> None:
-        limit = self.engine.max_model_len
-        if len(ids) >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
-                           f"{len(ids)} tokens. Shorten the prompt.", param=param, code="context_length_exceeded")
-        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested "
-                           f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} "
-                           "for the completion). Reduce the prompt or max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
+            err = _from_value_error(e)
+            if str(e).startswith("top_logprobs"):
+                err.param = "top_logprobs"
+            raise err
 
     async def tokenize_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        def run(engine) -> list[int]:
-            if isinstance(prompt, str) and not add_special_tokens:
-                ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-                if not ids:
-                    raise ValueError("prompt is empty: give at least one token")
-                return ids
-            return engine.tokenize(prompt)[1]
-
         try:
-            return await self.engine.call(run)
+            return await self.engine.call(lambda engine: engine.tokenize(prompt, add_special_tokens)[1])
         except ValueError as e:
-            raise APIError(400, str(e), param="prompt")
+            raise _from_value_error(e)
 
-    async def render_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
         try:
-            msgs = [{"role": m.role, "content": m.text()} for m in messages]
+            msgs = parse_chat_messages(messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages")
 
@@ -252,8 +265,10 @@ class _Server:
             raise APIError(400, "messages render to an empty prompt", param="messages")
         return ids
 
-    async def start(self, prompts: list[list[int]], params: SamplingParams, base_id: str) -> tuple[list[str], list[AsyncIterator[RequestOutput]]]:
-        """Add every prompt; an engine refusal aborts the ones already added and becomes a 400."""
+    async def start(self, prompts: list[list[int]], params: SamplingParams, base_id: str,
+                    prompt_param: str = "prompt") -> tuple[list[str], list[AsyncIterator[RequestOutput]]]:
+        """Add every prompt; an engine refusal (``LLMEngine.check_params``: the context length,
+        token ids, the early-exit threshold) aborts the ones already added and becomes a 400."""
         ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         streams = []
         try:
@@ -263,7 +278,7 @@ class _Server:
             for rid in ids:
                 self.engine.abort_nowait(rid)
             if isinstance(e, ValueError):
-                raise APIError(400, str(e), param="prompt")
+                raise _from_value_error(e, prompt_param)
             raise
         return ids, streams
 
@@ -305,6 +320,38 @@ class _APIKeyMiddleware:
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _InternalErrorMiddleware:
+    """Answers an unexpected exception with a 500 error object and keeps the connection open.
+
+    Starlette's own last-resort handler answers and then re-raises, and uvicorn closes the
+    keep-alive connection on an exception after a response started, so the client's next request
+    on it fails with a read error. Here the exception ends with the answer.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:  # noqa: BLE001 - the last resort: logged, answered with a 500
+            logger.exception("unhandled error")
+            if started:
+                raise
+            await APIError(500, f"internal error: {exc!r}", type="server_error").response()(scope, receive, send)
 
 
 class _Deltas:
@@ -355,8 +402,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     srv = _Server(engine, served_model_name, metrics)
     app.state.server = srv
 
+    app.add_middleware(_InternalErrorMiddleware)
     if api_key is not None:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+    app.openapi = lambda: _openapi(app, _BODIES)  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
@@ -370,11 +419,6 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
-
-    @app.exception_handler(Exception)
-    async def on_error(request: Request, exc: Exception):
-        logger.exception("unhandled error")
-        return APIError(500, f"internal error: {exc!r}", type="server_error").response()
 
     @app.get("/health")
     async def health():
@@ -394,26 +438,19 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = await _json_body(request)
-        try:
-            if isinstance(body, dict) and "messages" in body:
-                req = P.TokenizeChatRequest.model_validate(body)
-                srv.check_model(req.model)
-                ids = await srv.render_chat(req.messages, req.add_generation_prompt)
-            else:
-                req = P.TokenizeCompletionRequest.model_validate(body)
-                srv.check_model(req.model)
-                ids = await srv.tokenize_prompt(req.prompt, req.add_special_tokens)
-        except ValidationError as e:
-            raise _validation_error(list(e.errors()))
+        if isinstance(body, dict) and "messages" in body:
+            req = _parse(P.TokenizeChatRequest, body)
+            srv.check_model(req.model)
+            ids = await srv.render_chat(req.messages, req.add_generation_prompt)
+        else:
+            req = _parse(P.TokenizeCompletionRequest, body)
+            srv.check_model(req.model)
+            ids = await srv.tokenize_prompt(req.prompt, req.add_special_tokens)
         return P.TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids).model_dump()
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await _json_body(request)
-        try:
-            req = P.DetokenizeRequest.model_validate(body)
-        except ValidationError as e:
-            raise _validation_error(list(e.errors()))
+        req = _parse(P.DetokenizeRequest, await _json_body(request))
         srv.check_model(req.model)
         vocab = engine.engine.args.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
@@ -423,18 +460,17 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         return P.DetokenizeResponse(prompt=text).model_dump()
 
     @app.post("/v1/completions")
-    async def completions(req: P.CompletionRequest, request: Request):
+    async def completions(request: Request):
+        req = _parse(P.CompletionRequest, await _json_body(request))
         srv.check_model(req.model)
         if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+            raise APIError(400, "echo is not supported", param="echo", code="unsupported")
         params = srv.params(req)
         try:
             prompts_in = req.prompts()
         except ValueError as e:
             raise APIError(400, str(e), param="prompt")
         prompts = [await srv.tokenize_prompt(p) for p in prompts_in]
-        for ids in prompts:
-            srv.check_length(ids, params, "prompt")
         resp_id = P.random_id("cmpl")
         rids, streams = await srv.start(prompts, params, resp_id)
         trackers = [metrics.tracker() for _ in streams]
@@ -474,13 +510,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         return StreamingResponse(events, media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        req = _parse(P.ChatCompletionRequest, await _json_body(request))
         srv.check_model(req.model)
         params = srv.params(req)
         ids = await srv.render_chat(req.messages, req.add_generation_prompt)
-        srv.check_length(ids, params, "messages")
         resp_id = P.random_id("chatcmpl")
-        rids, streams = await srv.start([ids], params, resp_id)
+        rids, streams = await srv.start([ids], params, resp_id, prompt_param="messages")
         trackers = [metrics.tracker()]
         n_top = params.logprobs or 0
         if not req.stream:
@@ -526,11 +562,97 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     return app
 
 
+# Each POST route's body model(s), for the OpenAPI schema (the routes parse bodies themselves).
+_BODIES: dict[str, tuple[type[BaseModel], ...]] = {
+    "/v1/completions": (P.CompletionRequest,),
+    "/v1/chat/completions": (P.ChatCompletionRequest,),
+    "/tokenize": (P.TokenizeCompletionRequest, P.TokenizeChatRequest),
+    "/detokenize": (P.DetokenizeRequest,),
+}
+
+
+def _openapi(app: FastAPI, bodies: dict[str, tuple[type[BaseModel], ...]]) -> dict:
+    """The app's OpenAPI schema with the request bodies of the POST routes filled in."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        models = sorted({m for ms in bodies.values() for m in ms}, key=lambda m: m.__name__)
+        _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        for path, ms in bodies.items():
+            refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in ms]
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}},
+            }
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _check_json(body: Any) -> None:
+    """Refuse a body nesting deeper than ``MAX_JSON_DEPTH`` or holding a string (a key included)
+    that is not valid Unicode (a lone surrogate from a ``\\ud800`` escape): no tokenizer or
+    JSON encoder can take one. Walks iteratively, so depth costs no recursion.
+
+    Raises:
+        APIError: 400 naming the place.
+    """
+    stack: list[tuple[Any, int, str]] = [(body, 1, "")]
+    while stack:
+        v, depth, path = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where = path or "body"
+                raise APIError(400, f"{where} must be valid Unicode text: it holds a lone surrogate "
+                               f"{v[e.start]!r} at character {e.start}", param=path or None)
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels (at {path or 'body'})",
+                               param=path or None)
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    stack.append((k, depth, path))  # keys are strings too
+                    key = _printable(k)
+                    stack.append((x, depth + 1, f"{path}.{key}" if path else key))
+            else:
+                stack.extend((x, depth + 1, f"{path}[{i}]") for i, x in enumerate(v))
+
+
 async def _json_body(request: Request) -> Any:
+    """The request body parsed as JSON, whatever its Content-Type (a client that forgot the
+    header still gets its request served), then ``_check_json``'d.
+
+    Raises:
+        APIError: 400 for a body that is not UTF-8 JSON, nests too deeply or holds invalid text.
+    """
+    raw = await request.body()
+    ctype = request.headers.get("content-type")
+    hint = "" if ctype is None or "json" in ctype else f" (sent with Content-Type {ctype!r}; send application/json)"
+    if not raw.strip():
+        raise APIError(400, f"request body is empty: send a JSON object{hint}")
     try:
-        return json.loads(await request.body())
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}")
+        raise APIError(400, f"request body is not valid JSON: {e}{hint}")
+    _check_json(body)
+    return body
+
+
+def _parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate a parsed body against a request model (strict JSON types).
+
+    Raises:
+        APIError: 400 naming the first fields at fault.
+    """
+    if not isinstance(body, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(list(e.errors()))
 
 
 def default_model_name(config: EngineConfig) -> str:
