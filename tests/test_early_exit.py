@@ -124,7 +124,8 @@ def _run_capturing_kv(llm: LLM):
 @pytest.mark.parametrize("policy,fill", [("batch", "propagate"), ("token", "propagate"), ("token", "recompute"), ("batch", "recompute")])
 def test_unreachable_threshold_equals_full_model(full_depth_run, policy, fill):
     ref, ref_kv = full_depth_run
-    ee = _ee_llm(policy, fill, 2.0)  # max probability never reaches 2
+    # top-1 minus top-2 probability reaches 1 only when the top-2 probability underflows to exactly 0
+    ee = _ee_llm(policy, fill, 1.0, confidence="margin")
     got, got_kv = _run_capturing_kv(ee)
     for r, g in zip(ref, got):
         rc, gc = r.outputs[0], g.outputs[0]
@@ -273,7 +274,7 @@ def test_per_request_override_and_metrics():
     llm = _ee_llm("token", "propagate", 0.0)
     on = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     off = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, early_exit=EarlyExitOverride(enabled=False))
-    strict = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, early_exit=EarlyExitOverride(threshold=2.0))
+    strict = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, early_exit=EarlyExitOverride(threshold=1.0))
     a, b, c = llm.generate([PROMPTS[0]] * 3, [on, off, strict], use_tqdm=False)
     assert a.outputs[0].exit_layers == [30] + [8] * 9
     assert b.outputs[0].exit_layers == [30] * 10 and c.outputs[0].exit_layers == [30] * 10
@@ -307,10 +308,10 @@ def test_vocab_pruning_scores_only_the_first_exits_top_k():
     """With vocab_prune_k=K, later exit points score a token's confidence over the K ids the
     first exit point ranked highest (arXiv 2410.18952), at 2*H*K FLOPs instead of 2*H*V."""
     k = 16
-    llm = _ee_llm("token", "propagate", 2.0, exits=(8, 16, 24))
+    llm = _ee_llm("token", "propagate", 1.0, exits=(8, 16, 24))
     full_cfg = llm.engine.config.early_exit
     llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", dict(
-        exit_heads="none", exit_policy="token", exit_layers=(8, 16, 24), threshold=2.0, vocab_prune_k=k)))
+        exit_heads="none", exit_policy="token", exit_layers=(8, 16, 24), threshold=1.0, vocab_prune_k=k)))
     ex = llm.engine.runner.exit_executor
     ex.trace = trace = []
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
@@ -339,7 +340,7 @@ def test_vocab_pruning_scores_only_the_first_exits_top_k():
     assert_no_leak(llm)
 
 
-@pytest.mark.parametrize("threshold", [2.0, 0.0])
+@pytest.mark.parametrize("threshold", [1.0, 0.0])
 def test_flop_accounting_with_tuned_mlp_heads(threshold):
     """The shipped heads (an MLP head at exit 4, a probe on candidate-logit statistics): decode
     FLOPs per token counted by hand from the model's shapes."""
@@ -348,7 +349,7 @@ def test_flop_accounting_with_tuned_mlp_heads(threshold):
     import eeserve
 
     heads = str(Path(eeserve.__file__).parent / "data" / "exit_heads" / "smollm2-135m")
-    llm = _SHARED.get("llm") or _ee_llm("token", "propagate", 2.0)
+    llm = _SHARED.get("llm") or _ee_llm("token", "propagate", 1.0)
     llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", dict(
         exit_heads=heads, exit_policy="token", exit_layers=(4,), threshold=threshold, kv_fill="propagate")))
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
@@ -357,7 +358,7 @@ def test_flop_accounting_with_tuned_mlp_heads(threshold):
     transform = 6.0 * H * M  # gate/up (H x 2M) and down (M x H)
     check = transform + 2.0 * H * K + 2.0 * 5  # head MLP, candidate logits, linear probe on 5 statistics
     full = a.num_layers * a.layer_flops() + a.head_flops()
-    if threshold == 2.0:  # nobody leaves: full depth plus one check per token
+    if threshold == 1.0:  # nobody leaves (the probe's probability stays below 1): full depth plus one check per token
         assert out.outputs[0].exit_layers == [30] * 5
         assert out.metrics.flops_ratio == pytest.approx((full + check) / full, rel=1e-9)
     else:  # every decode token leaves at 4: 4 layers, the check, the head (MLP + LM head), K/V of 26 layers

@@ -221,6 +221,7 @@ def test_32_concurrent_streams_match_sequential(server):
 
 _OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
 _CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+_RAW = '{"model": ' + json.dumps(MODEL) + ", "  # a raw JSON body starts so (for NaN and \\u escapes)
 BAD = [
     ("invalid json", "/v1/completions", '{"model": "x", "prompt": ', None, 400, None),
     ("missing prompt", "/v1/completions", {"model": MODEL}, None, 400, "prompt"),
@@ -240,6 +241,50 @@ BAD = [
      {**_CHAT, "stream_options": {"include_usage": True}}, None, 400, "stream_options"),
     ("wrong api key", "/v1/completions", _OK, {"Authorization": "Bearer nope"}, 401, None),
     ("missing api key", "/v1/models", None, {"Authorization": ""}, 401, None),
+    # issue 17, item 2: client input that used to be a 500
+    ("lone surrogate prompt", "/v1/completions", _RAW + '"prompt": "Hi \\ud800 x", "max_tokens": 2}',
+     None, 400, "prompt"),
+    ("lone surrogate tokenize", "/tokenize", '{"prompt": "Hi \\ud800 x"}', None, 400, "prompt"),
+    ("lone surrogate chat", "/v1/chat/completions",
+     _RAW + '"messages": [{"role": "user", "content": "\\udc00"}]}', None, 400,
+     "messages[0].content"),
+    ("lone surrogate model", "/v1/completions", '{"model": "\\ud800", "prompt": "Hi"}', None, 400, "model"),
+    ("100k-deep JSON tokenize", "/tokenize", "[" * 100_000 + "]" * 100_000, None, 400, None),
+    ("100k-deep JSON prompt", "/v1/completions", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", None, 400, None),
+    ("40-deep JSON", "/tokenize", '{"prompt": ' + "[" * 40 + "]" * 40 + "}", None, 400, None),
+    # item 3: early-exit ranges (the server's confidence measure is the shipped heads' classifier: [0, 1])
+    ("early_exit.threshold -1", "/v1/completions", {**_OK, "early_exit": {"threshold": -1}}, None, 400,
+     "early_exit.threshold"),
+    ("early_exit.threshold 2", "/v1/completions", {**_OK, "early_exit": {"threshold": 2}}, None, 400,
+     "early_exit.threshold"),
+    ("early_exit.threshold NaN", "/v1/completions",
+     _RAW + '"prompt": "Hi", "early_exit": {"threshold": NaN}}', None, 400, "early_exit.threshold"),
+    # item 5 / 6: strict types, the same checks as the Python API
+    ("temperature NaN", "/v1/completions", _RAW + '"prompt": "Hi", "temperature": NaN}', None, 400,
+     "temperature"),
+    ("max_tokens true", "/v1/completions", {**_OK, "max_tokens": True}, None, 400, "max_tokens"),
+    ("stream yes", "/v1/completions", {**_OK, "stream": "yes"}, None, 400, "stream"),
+    ("n true", "/v1/completions", {**_OK, "n": True}, None, 400, "n"),
+    ("n 1000", "/v1/completions", {**_OK, "n": 1000}, None, 400, "n"),
+    ("stop 5", "/v1/completions", {**_OK, "stop": 5}, None, 400, "stop"),
+    ("stop_token_ids 10**12", "/v1/completions", {**_OK, "stop_token_ids": [10**12]}, None, 400, "stop_token_ids"),
+    ("content null", "/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": None}]}, None, 400,
+     "messages"),
+    ("role wizard", "/v1/chat/completions", {**_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, None, 400,
+     "messages"),
+    ("image part", "/v1/chat/completions",
+     {**_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None,
+     400, "messages"),
+    ("body not an object", "/v1/completions", "[1, 2]", None, 400, None),
+    ("empty body", "/v1/completions", "", None, 400, None),
+    # item 9: what cannot be honoured is refused as not supported
+    ("tools", "/v1/chat/completions", {**_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400,
+     "tools"),
+    ("tool_choice", "/v1/chat/completions", {**_CHAT, "tool_choice": "auto"}, None, 400, "tool_choice"),
+    ("response_format json", "/v1/chat/completions", {**_CHAT, "response_format": {"type": "json_object"}}, None, 400,
+     "response_format"),
+    ("logit_bias bad id", "/v1/completions", {**_OK, "logit_bias": {"99999999": 5}}, None, 400, "logit_bias"),
+    ("logit_bias 101", "/v1/completions", {**_OK, "logit_bias": {"42": 101}}, None, 400, "logit_bias"),
 ]
 
 
@@ -252,11 +297,66 @@ def test_bad_input_then_ok(server, name, path, body, headers, status, param):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"]
+    assert err["type"] == "invalid_request_error", err
     if param is not None:
         assert err["param"] == param, err
+        assert param.split(".")[-1] in err["message"], err  # the message names the field
     ok = _post(server, "/v1/completions", _OK)
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_bad_input_keeps_the_connection_usable(server):
+    """Every bad request of BAD, each followed by a good one, over one keep-alive connection: an
+    error answer must not close it under the client (a read error on the next request)."""
+    with httpx.Client(timeout=120, headers=AUTH, limits=httpx.Limits(max_connections=1)) as c:
+        for name, path, body, headers, _, _ in BAD:
+            if body is None or headers:
+                continue
+            data = body if isinstance(body, str) else json.dumps(body)
+            r = c.post(server.base + path, content=data, headers={"Content-Type": "application/json"})
+            assert 400 <= r.status_code < 500, (name, r.text)
+            assert r.headers.get("connection") != "close", name
+            ok = c.post(server.base + "/v1/completions", json=_OK)
+            assert ok.status_code == 200, (name, ok.text)
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", None, "application/x-www-form-urlencoded"])
+def test_json_body_with_any_content_type(server, ctype):
+    headers = {**AUTH} if ctype is None else {**AUTH, "Content-Type": ctype}
+    r = httpx.post(server.base + "/v1/completions", content=json.dumps(_OK).encode(), headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    bad = httpx.post(server.base + "/v1/completions", content=b"model=x", headers=headers, timeout=30)
+    assert bad.status_code == 400
+    assert "not valid JSON" in bad.json()["error"]["message"]
+    if ctype == "text/plain":
+        assert "application/json" in bad.json()["error"]["message"]  # tells what to send
+
+
+def test_openai_fields_accepted_and_ignored(server):
+    body = {**_CHAT, "user": "someone", "response_format": {"type": "text"}, "parallel_tool_calls": False,
+            "tool_choice": "none", "tools": [], "temperature": 0}
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    plain = _post(server, "/v1/chat/completions", {**_CHAT, "temperature": 0})
+    assert r.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["message"]["content"]
+
+
+def test_logit_bias(server):
+    """A +100 bias on one token makes greedy decoding pick it every time; a -100 bias on the token
+    greedy decoding picks first moves it off that token (vLLM's and OpenAI's semantics)."""
+    tok = _post(server, "/tokenize", {"prompt": " banana", "add_special_tokens": False}).json()["tokens"]
+    assert len(tok) == 1
+    body = {**_OK, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    r = _post(server, "/v1/completions", {**body, "logit_bias": {str(tok[0]): 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == " banana" * 4
+    plain = _post(server, "/v1/completions", {**body, "max_tokens": 1, "logprobs": 0}).json()
+    first = _post(server, "/tokenize", {"prompt": plain["choices"][0]["text"], "add_special_tokens": False}).json()
+    banned = _post(server, "/v1/completions", {**body, "max_tokens": 1, "logit_bias": {str(first["tokens"][0]): -100}})
+    assert banned.status_code == 200, banned.text
+    assert banned.json()["choices"][0]["text"] != plain["choices"][0]["text"]
 
 
 # ---- disconnect, metrics, bench -------------------------------------------------------------

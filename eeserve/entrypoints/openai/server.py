@@ -74,15 +74,33 @@ def _from_value_error(e: ValueError, prompt_param: str = "prompt") -> APIError:
     return APIError(400, str(e), param=param, code=getattr(e, "code", None))
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _field_path(loc: tuple) -> str:
+    """A pydantic error location as the request's field path (``stop``, ``messages.0``), without
+    the union-member tags pydantic adds (``stop.list[str]``)."""
+    parts = []
+    for x in loc:
+        if x == "body":
+            continue
+        if isinstance(x, str) and ("[" in x or "-" in x or x in _UNION_TAGS):
+            break
+        parts.append(str(x))
+    return ".".join(parts)
+
+
 def _validation_error(errors: list[dict]) -> APIError:
     first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
-    param = ".".join(loc) or None
-    msgs = "; ".join(
-        f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
-    )
+    param = _field_path(first.get("loc", ())) or None
+    seen: dict[str, list[str]] = {}  # a union's members fail at one path: "a valid string, or ..."
+    for e in errors:
+        msgs_at = seen.setdefault(_field_path(e.get("loc", ())) or "body", [])
+        if e.get("msg", "") not in msgs_at:
+            msgs_at.append(e.get("msg", ""))
+    msgs = "; ".join(f"{where}: {', or '.join(m)}" for where, m in list(seen.items())[:5])
     return APIError(400, msgs or "invalid request", param=param)
 
 
