@@ -72,6 +72,15 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
         (["--max-exit-batch", "-1"], ["--max-exit-batch", ">= 0"]),
         (["--verify-exits", "--kv-fill", "propagate"], ["--verify-exits", "kv_fill", "recompute"]),
         (["--max-draft-tokens", "-2"], ["--max-draft-tokens", ">= 0"]),
+        # issue 17, item 3: thresholds in the confidence measure's range (the shipped heads' classifier)
+        (["--threshold", "5"], ["--threshold", "threshold", "[0, 1]", "classifier", "5"]),
+        (["--threshold", "-1"], ["--threshold", "[0, 1]", "-1"]),
+        (["--threshold", "nan"], ["--threshold", "[0, 1]", "nan"]),
+        (["--exit-heads", "none", "--exit-layers", "8", "--confidence", "entropy", "--threshold", "-0.5"],
+         ["--threshold", ">= 0", "entropy"]),
+        (["--exit-heads", "none", "--exit-layers", "8", "--confidence", "saturation", "--threshold", "1.5"],
+         ["--threshold", "[-1, 1]"]),
+        (["--min-exit-layer", "99"], ["--min-exit-layer", "min_exit_layer", "<= the last exit layer (4)", "99"]),
     ],
 )
 def test_bad_flag_values(capsys, flags, needles):

@@ -499,3 +499,27 @@ def test_async_engine_errors_reach_callers():
             pass
 
     asyncio.run(main())
+
+
+def test_unexpected_error_is_a_500_object_and_no_raise():
+    """An exception escaping a route is answered with a 500 error object and ends there: were it
+    re-raised after the answer (Starlette's own last resort), uvicorn would close the keep-alive
+    connection under the client's next request."""
+    from eeserve.entrypoints.openai.server import _InternalErrorMiddleware
+
+    async def broken(scope, receive, send):
+        raise KeyError("boom")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "query_string": b""}
+    asyncio.run(_InternalErrorMiddleware(broken)(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    err = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+    assert err["type"] == "server_error" and "boom" in err["message"]

@@ -582,10 +582,15 @@ def _fmt(thresholds: Sequence[float]) -> str:
 
 def _serving(thresholds: Sequence[float], exit_layers: Sequence[int], confidence: str, kv_fill: str,
              verify_exits: bool = False) -> dict:
-    """The ``serving`` part of exit_config.json for a setting (only its enabled exits)."""
+    """The ``serving`` part of exit_config.json for a setting (only its enabled exits). With none
+    enabled, exit policy ``none``: ``NEVER`` is outside every measure's threshold range, which
+    ``EarlyExitConfig`` refuses."""
     used, used_thr = enabled_exits(thresholds, exit_layers)
     out = {"exit_layers": used, "exit_policy": "token", "confidence": confidence, "threshold": used_thr,
            "kv_fill": kv_fill, "min_exit_layer": used[0]}
+    if all(t >= NEVER for t in used_thr):
+        out["exit_policy"] = "none"
+        del out["threshold"]
     if verify_exits:
         out["verify_exits"] = True
     return out
@@ -627,7 +632,7 @@ def generation_check(llm, args, folder: Path, serving: dict, prompt_ids: Sequenc
     outs = [list(o.outputs[0].token_ids) for o in out]
     layers = [e for o in out for e in o.outputs[0].exit_layers]
     agree, total = token_agreement(llm.engine.model, prompt_ids, outs)
-    return GenerationCheck(tuple(serving["threshold"]), total, total - agree, sum(layers) / max(1, len(layers)),
+    return GenerationCheck(tuple(serving.get("threshold", [NEVER])), total, total - agree, sum(layers) / max(1, len(layers)),
                            len(layers) / dt)
 
 
