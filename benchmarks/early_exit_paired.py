@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--setting", action="append", default=[],
                     help="an early-exit arm: the shipped setting with these EarlyExitConfig fields changed, "
                          "e.g. verify_exits=true,threshold=0.45 (repeatable; default: one arm, the shipped setting)")
+    ap.add_argument("--dtype", default="auto", help="engine dtype (default auto: the engine's default)")
+    ap.add_argument("--kernel-tuning", action=argparse.BooleanOptionalAction, default=True,
+                    help="measured kernels (default); --no-kernel-tuning: the fixed legacy rule")
     ap.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = ap.parse_args()
     try:
@@ -140,7 +143,9 @@ def main() -> None:
     if any(c.exit_heads is None for c in arms_cfg.values()):
         raise SystemExit(f"--model {args.model}: no tuned exit heads shipped; pass --exit-heads DIR")
     full_cfg = resolve_early_exit(args.model, {"exit_heads": "none"})
-    llm = LLM(args.model, max_num_seqs=max(concs), early_exit={"exit_heads": "none"})
+    llm = LLM(args.model, max_num_seqs=max(concs), early_exit={"exit_heads": "none"}, dtype=args.dtype,
+              kernel_tuning=args.kernel_tuning)
+    print(f"engine: {llm.engine.kernel_report}")
     prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     greedy = args.temperature == 0
     params = [SamplingParams(temperature=args.temperature, max_tokens=args.new_tokens, ignore_eos=True,

@@ -6,8 +6,8 @@ cut into windows of ``--window`` tokens, ``--max-tokens`` in all (none of it is 
 tests; the exit heads' tuning samples from it, the backbone never saw it in this form). For every
 position, the fp32 engine's and the reduced-precision engine's greedy next token are compared.
 
-    python benchmarks/fidelity.py                          # bfloat16 against float32
-    python benchmarks/fidelity.py --dtypes bfloat16 --max-tokens 4000
+    python benchmarks/fidelity.py                          # bfloat16 and int8 against float32
+    python benchmarks/fidelity.py --variants bfloat16 --max-tokens 4000
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ def top1(llm, windows: list[list[int]]) -> list[torch.Tensor]:
     return [llm.engine.full_depth_logits(w).argmax(-1) for w in windows]
 
 
-def demo_run(model: str, dtype: str) -> tuple[str, list[int], list[int]]:
+VARIANTS = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
+            "int8": {"dtype": "float32", "quantization": "int8"}}
+
+
+def demo_run(model: str, variant: str) -> tuple[str, list[int], list[int]]:
     """The `make demo` chat with the shipped early-exit heads: (text, token ids, exit layers)."""
     from eeserve import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, num_kv_blocks=64)
+    llm = LLM(model, num_kv_blocks=64, **VARIANTS[variant])
     out = llm.chat([{"role": "user", "content": DEMO}], SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
     c = out.outputs[0]
     return c.text, list(c.token_ids), list(c.exit_layers)
@@ -52,7 +56,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtypes", default="bfloat16", help="comma-separated dtypes compared with float32")
+    ap.add_argument("--variants", default="bfloat16,int8", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=8192)
     args = ap.parse_args()
@@ -66,8 +70,8 @@ def main() -> None:
     print("| weights | top-1 agreement with fp32 | demo text equal | demo tokens equal (first differing) | "
           "demo exit layers equal |")
     print("| --- | ---: | --- | --- | --- |")
-    for dtype in args.dtypes.split(","):
-        llm = LLM(args.model, dtype=dtype, num_kv_blocks=64, early_exit={"exit_heads": "none"})
+    for dtype in args.variants.split(","):
+        llm = LLM(args.model, num_kv_blocks=64, early_exit={"exit_heads": "none"}, **VARIANTS[dtype])
         got = top1(llm, windows)
         del llm
         same = sum(int((a == b).sum()) for a, b in zip(ref, got))

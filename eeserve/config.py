@@ -85,6 +85,8 @@ class ModelConfig:
         device: torch device string (``cpu``, ``cuda``, ``cuda:1``).
         max_model_len: context length in tokens (prompt + output); None = the model's own.
         seed: seed of the engine-wide generator used by requests without a seed.
+        quantization: None, or ``"int8"``: weight-only int8 products (one scale per output row)
+            on CPUs, for memory-bound decode; the fp32 weights stay for everything else.
         kernel_tuning: on CPUs, time the matrix-product forms for this model's shapes once per
             machine (cached) and use the fastest (``eeserve.model.kernels``); False keeps the
             fixed legacy rule (and ``auto`` means float32).
@@ -96,8 +98,10 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     kernel_tuning: bool = True
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        _require(self.quantization in (None, "int8"), "quantization", "None or 'int8'", self.quantization)
         _require(self.dtype in MODEL_DTYPES, "dtype", f"one of {', '.join(MODEL_DTYPES)}", self.dtype)
         _require(
             self.max_model_len is None or self.max_model_len >= 1,

@@ -101,7 +101,15 @@ def _texts(llm) -> list[list[int]]:
     return [o.prompt_token_ids + list(o.outputs[0].token_ids) for o in outs]
 
 
-def test_bf16_weights_agree_with_fp32_top1(llm, hf_model):
+def _agreement(eng, texts, refs) -> float:
+    same = total = 0
+    for t, r in zip(texts, refs):
+        same += int((eng.full_depth_logits(t).argmax(-1) == r).sum())
+        total += len(t)
+    return same / total
+
+
+def test_bf16_and_int8_weights_agree_with_fp32_top1(llm, hf_model):
     # bf16 products (fp32 activations, KV and accumulation): teacher-forced top-1 agreement with
     # transformers in fp32 on every position of the texts, on each form the tuner may pick
     from eeserve import LLM
@@ -118,14 +126,16 @@ def test_bf16_weights_agree_with_fp32_top1(llm, hf_model):
                 plan = _forced_plan(eng.args.linear_shapes(), torch.bfloat16, form, False)
                 kernels.prepare(eng.model.linear_weights(), plan)
                 kernels.install(plan)
-            same = total = 0
-            for t, r in zip(texts, refs):
-                got = eng.full_depth_logits(t).argmax(-1)
-                same += int((got == r).sum())
-                total += len(t)
-            assert same / total >= 0.97, f"form {form}: top-1 agreement {same / total:.3f}"
+            agree = _agreement(eng, texts, refs)
+            assert agree >= 0.97, f"form {form}: top-1 agreement {agree:.3f}"
     finally:
         kernels.install(None)
+    del bf, eng
+    q8 = LLM("smollm2-135m", dtype="float32", quantization="int8", kernel_tuning=False, num_kv_blocks=64,
+             early_exit={"exit_heads": "none"})
+    assert "int8" in q8.engine.kernel_report
+    agree = _agreement(q8.engine, texts, refs)
+    assert agree >= 0.97, f"int8: top-1 agreement {agree:.3f}"
 
 
 def _tiny_shapes():
@@ -201,3 +211,20 @@ def test_dtype_auto_follows_hardware_and_measurement():
     assert kernels.setup_for_model(shapes, "auto", "cuda", True, None).weight_dtype == "float32"
     s = kernels.setup_for_model(shapes, "auto", "cpu", False, None)
     assert s.plan is None and s.weight_dtype == "float32" and "tuning off" in s.report
+
+
+def test_int8_weights_run_their_own_product():
+    # weight-only int8: the product equals x @ (q * scale)^T computed in float64, and the
+    # dequantized weight is within half a quantization step of the original
+    torch.manual_seed(0)
+    w = torch.randn(96, 40) * 0.1
+    q, scales = kernels.quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (96,)
+    deq = q.double() * scales.double()[:, None]
+    assert ((deq - w.double()).abs() <= scales.double()[:, None] / 2 + 1e-7).all()
+    kernels.quantize([w], "int8")
+    for m in (1, 3, 17, 130):
+        x = torch.randn(m, 40)
+        torch.testing.assert_close(kernels.linear(x, w), (x.double() @ deq.T).float(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="quantization must be one of int8"):
+        kernels.quantize([w], "int3")

@@ -115,6 +115,11 @@ class LLMEngine:
         if setup.plan is not None:
             kernels.install(setup.plan)
             kernels.prepare(self.model.linear_weights(), setup.plan)
+        if mc.quantization is not None:
+            if self.device.type != "cpu":
+                raise ValueError(f"quantization {mc.quantization!r} runs on CPUs only, not on device {mc.device!r}")
+            kernels.quantize(self.model.linear_weights(), mc.quantization)
+            self.kernel_report += f"; weight-only {mc.quantization} products"
 
         cc = config.cache
         per_block = kv_bytes_per_block(self.args.num_layers, cc.block_size, self.args.num_kv_heads, self.args.head_dim, self.dtype)

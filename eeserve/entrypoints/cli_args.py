@@ -84,6 +84,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     g.add_argument("--dtype", default="auto", choices=MODEL_DTYPES,
                    help="weight dtype; auto (default): bfloat16 where the CPU has AMX/AVX512-BF16 and bf16 products "
                         "measure faster, else float32 (on CPUs activations and KV cache stay float32)")
+    g.add_argument("--quantization", default=None, choices=["int8"],
+                   help="weight-only int8 products (one scale per output row), CPU only (default: none)")
     g.add_argument("--kernel-tuning", action=argparse.BooleanOptionalAction, default=True,
                    help="time the matrix-product forms once per machine (cached) and use the fastest (default on)")
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
@@ -190,7 +192,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     try:
         return EngineConfig(
             model=ModelConfig(model=model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, seed=a.seed,
-                              kernel_tuning=a.kernel_tuning),
+                              kernel_tuning=a.kernel_tuning, quantization=a.quantization),
             cache=CacheConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory),
             scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens),
             early_exit=resolve_early_exit(model, early_exit_overrides(a)),

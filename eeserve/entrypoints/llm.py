@@ -40,6 +40,8 @@ class LLM:
             default (tuned heads shipped for ``smollm2-135m``; ``{"exit_heads": "none"}`` turns
             them off), or None for that default.
         seed: seed of the generator used by requests without their own seed.
+        kernel_tuning, quantization: see ``ModelConfig`` (measured kernels, on by default;
+            weight-only ``"int8"``, off by default).
 
     Raises:
         ValueError / FileNotFoundError: invalid settings or an unknown model, naming the field.
@@ -61,6 +63,7 @@ class LLM:
         seed: int = 0,
         debug_nan_fill: bool = False,
         kernel_tuning: bool = True,
+        quantization: str | None = None,
     ) -> None:
         from eeserve.early_exit.defaults import resolve_early_exit
 
@@ -68,7 +71,7 @@ class LLM:
             early_exit = resolve_early_exit(model, dict(early_exit or {}))
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
-                              kernel_tuning=kernel_tuning),
+                              kernel_tuning=kernel_tuning, quantization=quantization),
             cache=CacheConfig(
                 block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                 debug_nan_fill=debug_nan_fill,

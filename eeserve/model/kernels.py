@@ -277,11 +277,48 @@ def run_form(x: torch.Tensor, weight: torch.Tensor, form: str, rows: int, aux: t
     return y.contiguous()
 
 
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8 with one scale per output row (symmetric, round to nearest).
+
+    Returns:
+        (q [out, in] int8, scales [out] in the weight's dtype), ``q * scales[:, None] ~ weight``.
+    """
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales.to(weight.dtype)
+
+
+def quantize(weights: Iterable[torch.Tensor], method: str) -> int:
+    """Give these weights a quantized copy that ``linear`` then uses instead of the weight itself
+    (``torch.ops.aten._weight_int8pack_mm``: int8 weights, activations in the weight's dtype).
+    The dense weight stays (the embedding, KV fill and exit heads read it).
+
+    Returns:
+        bytes of the quantized copies.
+
+    Raises:
+        ValueError: ``method`` is not one of ``QUANTIZATIONS``.
+    """
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
+    total = 0
+    for w in weights:
+        have = _AUX.setdefault(w, {})
+        if "int8" not in have:
+            have["int8"] = quantize_int8(w)
+            total += w.numel() + w.shape[0] * w.element_size()
+    return total
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T``: [M, in] x [out, in] -> [M, out] in x's dtype, contiguous.
 
-    On CPUs the form is the installed plan's choice for this weight shape and row count (the
-    legacy rule without a plan); the product runs in the weight's dtype (x is cast to it, fp32
+    On CPUs a weight given an int8 copy by ``quantize`` runs on it; otherwise the form is the
+    installed plan's choice for this weight shape and row count (the legacy rule without a plan); the product runs in the weight's dtype (x is cast to it, fp32
     accumulation) and the result is cast back to x's dtype. Elsewhere ``F.linear``.
     """
     if x.device.type != "cpu":
@@ -292,6 +329,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     m = x.shape[0]
     if m == 0:
         return x.new_zeros(0, weight.shape[0]).to(in_dtype)
+    own = _AUX.get(weight)
+    if own is not None and "int8" in own:  # a quantized weight (``quantize``)
+        q, scales = own["int8"]
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scales)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
     plan = _PLAN
     if plan is None:
         c = legacy_choice(m)
