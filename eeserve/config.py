@@ -73,6 +73,21 @@ def check_threshold(measure: str, value: object, where: str = "threshold") -> fl
     return float(value)
 
 
+def _check_device_present(device: str) -> None:
+    """Refuse an accelerator this machine does not have (imports torch only for one)."""
+    import torch
+
+    if device == "mps":
+        _require(torch.backends.mps.is_available(), "device", "an available device (cpu here: no MPS backend)", device)
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"device must be an available device, got {device!r}: torch finds no CUDA device here "
+                         f"(CUDA build: {torch.version.cuda or 'no, a CPU-only torch'}); use cpu")
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    _require(index < n, "device", f"cpu or cuda:0..cuda:{n - 1} ({n} CUDA device(s) here)", device)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to run and how.
@@ -108,9 +123,12 @@ class ModelConfig:
             "max_model_len", "None or an integer >= 1", self.max_model_len,
         )
         _require(
-            self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
+            isinstance(self.device, str) and (self.device == "cpu" or self.device == "mps" or self.device == "cuda"
+                                              or (self.device.startswith("cuda:") and self.device[5:].isdigit())),
             "device", "cpu, cuda, cuda:N or mps", self.device,
         )
+        if self.device != "cpu":
+            _check_device_present(self.device)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig
     """Merge: shipped or given heads folder defaults, then the user's explicit settings.
 
     Raises:
-        ValueError: an invalid field (from EarlyExitConfig), or a heads folder without exit_config.json.
+        ValueError: an invalid field (from EarlyExitConfig), a heads folder without exit_config.json,
+            or settings that cannot work with the heads folder (``check_exit_config``).
     """
     overrides = dict(overrides)
     heads = overrides.pop("exit_heads", None)
@@ -103,4 +104,54 @@ def resolve_early_exit(model: str, overrides: dict[str, Any]) -> EarlyExitConfig
         merged["exit_policy"] = "token"
     if merged.get("exit_policy", "none") != "none" and not merged.get("exit_layers"):
         raise ValueError("exit_layers must be given (e.g. --exit-layers 12,16,20,24) when exit_policy is not none")
-    return EarlyExitConfig(**merged)
+    config = EarlyExitConfig(**merged)
+    check_exit_config(config)
+    return config
+
+
+def check_exit_config(config: EarlyExitConfig, num_layers: int | None = None) -> None:
+    """Refuse, before any weight loads, early-exit settings that cannot work for the model.
+
+    Reads only the heads folder's exit_config.json: every exit layer needs a trained head there,
+    a head type other than ``shared`` and the ``classifier`` measure need a heads folder (with a
+    classifier), and with ``num_layers`` (from the model's config.json) every exit layer must
+    leave at least one layer to skip.
+
+    Args:
+        config: the early-exit settings.
+        num_layers: the model's decoder layers, when known.
+
+    Raises:
+        ValueError: naming the field (``exit_layers``, ``exit_head``, ``confidence``), the value
+            and what would work instead.
+    """
+    if not config.enabled:
+        return
+    if num_layers is not None:
+        bad = [e for e in config.exit_layers if not 1 <= e < num_layers]
+        if bad:
+            raise ValueError(f"exit_layers must be in 1..{num_layers - 1} for this {num_layers}-layer model, "
+                             f"got {list(config.exit_layers)}")
+    if config.exit_heads is None:
+        if config.exit_head != "shared":
+            raise ValueError(f"exit_head must be 'shared' when no exit_heads folder is given (--exit-heads DIR), "
+                             f"got {config.exit_head!r}: other head types need trained heads")
+        if config.confidence == "classifier":
+            raise ValueError("confidence must not be 'classifier' when no exit_heads folder is given: the classifier "
+                             "is trained with the heads (--exit-heads DIR); use softmax, margin, entropy or saturation")
+        return
+    folder = Path(config.exit_heads)
+    try:
+        cfg = json.loads((folder / "exit_config.json").read_text())
+        available = [int(e) for e in cfg["exit_layers"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"exit_heads {str(folder)!r} must hold a readable exit_config.json with exit_layers ({e})") from None
+    missing = [e for e in config.exit_layers if e not in available]
+    if missing:
+        raise ValueError(
+            f"exit_layers must each have a trained head in {str(folder)!r}, which has {available}; got "
+            f"{list(config.exit_layers)} ({missing} missing): use --exit-layers from {available}, or "
+            "--exit-heads none (exit_heads='none') for the untrained shared head at any layer"
+        )
+    if config.confidence == "classifier" and not cfg.get("has_classifier", False):
+        raise ValueError(f"confidence must not be 'classifier': the heads in {str(folder)!r} have no classifier")

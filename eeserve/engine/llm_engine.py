@@ -17,6 +17,7 @@ from eeserve.config import EarlyExitConfig, EngineConfig, check_threshold
 from eeserve.core.interfaces import StepStats
 from eeserve.core.kv_manager import KVCacheManager, cdiv
 from eeserve.core.scheduler import Scheduler
+from eeserve.early_exit.defaults import check_exit_config
 from eeserve.engine.detokenizer import IncrementalDetokenizer
 from eeserve.errors import InvalidRequestError
 from eeserve.inputs import PromptType, parse_prompt
@@ -94,6 +95,7 @@ class LLMEngine:
         self.model_files = loader.resolve_model(mc.model)
         self.hf_config = loader.load_config(self.model_files)
         self.args = ModelArgs.from_hf_config(self.hf_config)
+        check_exit_config(config.early_exit, self.args.num_layers)  # before kernels are tuned and the weights load
         setup = kernels.setup_for_model(self.args.linear_shapes(), mc.dtype, self.device.type, mc.kernel_tuning,
                                         loader.default_cache_dir())
         self.kernel_report = setup.report  # the dtype chosen and why, for the start-up log

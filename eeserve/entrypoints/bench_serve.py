@@ -218,10 +218,37 @@ def _load_prompts(path: str | None) -> list[str]:
     return prompts
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the benchmark; returns the exit status (1 if any request failed)."""
+def _server_model(base_url: str, headers: dict) -> str:
+    """The first model a server lists; first, whether a server answers at all.
+
+    Raises:
+        ValueError: naming --base-url (nothing listening, not an eeserve/OpenAI server) or
+            --api-key (refused).
+    """
     import httpx
 
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        r = httpx.get(url, headers=headers, timeout=30)
+    except httpx.InvalidURL as e:
+        raise ValueError(f"--base-url {base_url!r} is not a valid URL ({e})") from None
+    except httpx.UnsupportedProtocol:
+        raise ValueError(f"--base-url {base_url!r} must start with http:// or https://") from None
+    except httpx.HTTPError as e:
+        raise ValueError(f"--base-url {base_url}: no server answers there ({type(e).__name__}: {e}); "
+                         "start one with `eeserve serve`, or pass its address") from None
+    if r.status_code == 401:
+        raise ValueError(f"--api-key: the server at {base_url} refused the key (HTTP 401)")
+    try:
+        r.raise_for_status()
+        return str(r.json()["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"--base-url {base_url}: GET /v1/models did not list a model (HTTP {r.status_code}: "
+                         f"{type(e).__name__}); is it an OpenAI-compatible server?") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark; returns the exit status (1 if any request failed)."""
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
     if args.request_rate <= 0:
@@ -230,11 +257,9 @@ def main(args: argparse.Namespace) -> int:
     if not modes or any(m not in ("on", "off") for m in modes):
         raise ValueError(f"--modes must be on, off or on,off; got {args.modes!r}")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = args.model
-    if model is None:
-        r = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-        r.raise_for_status()
-        model = r.json()["data"][0]["id"]
+    model = _server_model(args.base_url, headers)
+    if args.model is not None:
+        model = args.model
     prompts = _load_prompts(args.prompts_file)
     summaries = []
     for mode in modes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from eeserve.config import (
     CONFIDENCE_MEASURES,
@@ -61,6 +62,49 @@ def _float_in(low: float, high: float, low_open: bool = True, high_open: bool = 
         return v
 
     return parse
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number in 1..65535, got {text!r}") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number in 1..65535, got {v}")
+    return v
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where absent)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads, set once at start-up (``apply_threads``)."""
+    p.add_argument(
+        "--threads", type=_int_at_least(1), default=None,
+        help=f"CPU threads for torch (default: the CPUs this process may use, {default_threads()} here); "
+             "lower it when other work shares the machine",
+    )
+
+
+def apply_threads(a: argparse.Namespace) -> int | None:
+    """Set torch's thread count from ``--threads`` (or its default) once, before any model work.
+
+    Returns:
+        The count set, or None for a command without ``--threads``.
+    """
+    if not hasattr(a, "threads"):
+        return None
+    n = a.threads if a.threads is not None else default_threads()
+    import torch
+
+    torch.set_num_threads(n)
+    return n
 
 
 def _bytes(text: str) -> int:

@@ -6,8 +6,6 @@ import copy
 import time
 from pathlib import Path
 
-import torch
-
 from eeserve.config import DTYPES
 from eeserve.entrypoints.cli_args import _float_in, _int_at_least, _int_list
 
@@ -148,6 +146,8 @@ def builtin_windows(llm, sources: list[str], window: int, answer_tokens: int, ma
 
 
 def cmd_tune(args) -> int:
+    import torch
+
     from eeserve.model import loader
     from eeserve.model.exit_heads import ExitHeads
     from eeserve.tuning import data, distill

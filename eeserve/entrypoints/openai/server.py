@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -681,9 +682,14 @@ def default_model_name(config: EngineConfig) -> str:
 
 def run_server(
     config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-    api_key: str | None = None, served_model_name: str | None = None,
+    api_key: str | None = None, served_model_name: str | None = None, sock: socket.socket | None = None,
 ) -> None:
-    """Load the model, then serve until interrupted; prints the address once the server listens."""
+    """Load the model, then serve until interrupted; prints the address once the server listens.
+
+    Args:
+        sock: a socket already bound to (host, port), as the CLI binds it before the model loads;
+            None lets uvicorn bind.
+    """
     import uvicorn
 
     from eeserve.engine.llm_engine import LLMEngine
@@ -694,7 +700,7 @@ def run_server(
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
     async def serve() -> None:
-        task = asyncio.ensure_future(server.serve())
+        task = asyncio.ensure_future(server.serve(sockets=[sock] if sock is not None else None))
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if server.started:
