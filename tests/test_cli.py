@@ -278,3 +278,261 @@ def test_prompt_longer_than_max_model_len(capsys, shared_engines):
     n = int(re.search(r"prompt is (\d+) tokens", line).group(1))
     assert n > 16
     assert out == ""
+
+
+# ---- refused before the model loads (issue 17 items 1, 4, 6, 8) -----------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command gets as far as loading a model or starting a server."""
+    from eeserve.entrypoints.openai import server
+
+    def refuse(*a, **k):
+        pytest.fail("the model was loaded: the error should have come first")
+
+    monkeypatch.setattr(cli, "_build_llm", refuse)
+    monkeypatch.setattr(server, "run_server", refuse)
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_transformers():
+    """`eeserve --help` and argument errors were slow (14.6 s) because torch and transformers
+    were imported eagerly; they must not be imported at all on these paths."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, json, sys, time\n"
+        "t = time.perf_counter()\n"
+        "from eeserve.entrypoints.cli import main\n"
+        "argvs = [['--help'], ['generate', '--help'], ['serve', '--help'], ['tune', '--help'],\n"
+        "         ['generate', '--temperature', '-1', '--prompt', 'x'], ['serve', '--port', '99999'],\n"
+        "         ['generate', '--threads', '0', '--prompt', 'x'], ['bogus']]\n"
+        "codes = []\n"
+        "for a in argvs:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            codes.append(main(a))\n"
+        "        except SystemExit as e:\n"
+        "            codes.append(e.code)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy', 'gguf', 'fastapi', 'httpx') if m in sys.modules)\n"
+        "print(json.dumps({'codes': codes, 'heavy': heavy, 'seconds': time.perf_counter() - t}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    print(f"--help and 7 argument errors in one process: {res['seconds']:.2f} s")
+    assert res["codes"] == [0, 0, 0, 0, 2, 2, 2, 2]
+    assert res["heavy"] == []
+
+
+def test_threads_is_set_before_the_model_loads(capsys, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def build(args):
+        seen["threads"] = torch.get_num_threads()
+        raise cli.UserError("stop here")
+
+    monkeypatch.setattr(cli, "_build_llm", build)
+    try:
+        rc, _, err = run_cli(capsys, ["generate", "--prompt", "hi", "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    assert_one_line_error(rc, err, "stop here")
+    assert seen["threads"] == 1
+    rc, _, err = run_cli(capsys, ["chat", "--message", "hi", "--threads", "0"])
+    assert_one_line_error(rc, err, "--threads", ">= 1", "0")
+
+
+def test_threads_default_is_the_cpus_this_process_may_use():
+    import os
+    import subprocess
+    import sys
+
+    cpu = min(os.sched_getaffinity(0))
+    code = (
+        "import os, sys\n"
+        f"os.sched_setaffinity(0, {{{cpu}}})\n"
+        "from eeserve.entrypoints.cli import build_parser\n"
+        "from eeserve.entrypoints.cli_args import apply_threads\n"
+        "n = apply_threads(build_parser().parse_args(['generate', '--prompt', 'x']))\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"  # the count set before torch's import
+        "print(n, torch.get_num_threads())\n"
+        "for argv in (['serve'], ['eval-exits'], ['chat', '--threads', '2']):\n"
+        "    torch.set_num_threads(3)\n"
+        "    n = apply_threads(build_parser().parse_args(argv))\n"  # and after it
+        "    print(n, torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "1"] * 3 + ["2", "2"]
+
+
+def _no_cuda(monkeypatch, count: int = 0):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_device_cuda_without_cuda_is_one_line(capsys, monkeypatch, no_model):
+    _no_cuda(monkeypatch)
+    rc, out, err = run_cli(capsys, ["generate", "--prompt", "hi", "--device", "cuda"])
+    assert_one_line_error(rc, err, "--device", "'cuda'", "no CUDA device")
+    _no_cuda(monkeypatch, count=1)
+    rc, out, err = run_cli(capsys, ["serve", "--device", "cuda:3"])
+    assert_one_line_error(rc, err, "--device", "cuda:0..cuda:0")
+
+
+def test_python_api_device_cuda_without_cuda_is_a_value_error(monkeypatch):
+    from eeserve import LLM, ModelConfig
+    from eeserve.entrypoints import llm as llm_module
+
+    _no_cuda(monkeypatch)
+    monkeypatch.setattr(llm_module, "LLMEngine", lambda c: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=r"^device must be an available device, got 'cuda'"):
+        LLM(device="cuda")
+    with pytest.raises(ValueError, match=r"^device must be cpu, cuda, cuda:N or mps, got 'gpu'"):
+        ModelConfig(device="gpu")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--port", "99999"], ["--port", "1..65535", "99999"]),
+        (["--port", "-1"], ["--port", "1..65535", "-1"]),
+        (["--port", "http"], ["--port", "'http'"]),
+        (["--host", "999.1.1.1"], ["--host", "'999.1.1.1'", "not a valid IPv4 address"]),
+        (["--host", "192.0.2.1"], ["--host", "'192.0.2.1'", "not an address of this machine"]),
+    ],
+)
+def test_serve_bad_address_before_loading(capsys, no_model, flags, needles):
+    rc, out, err = run_cli(capsys, ["serve", *flags])
+    assert_one_line_error(rc, err, *needles)
+
+
+def test_serve_port_in_use_before_loading(capsys, no_model):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, out, err = run_cli(capsys, ["serve", "--port", str(port)])
+    assert_one_line_error(rc, err, f"--port {port}", "already in use")
+
+
+def test_serve_binds_before_loading(capsys, monkeypatch):
+    """The socket handed to the server is bound before the engine is built."""
+    import socket
+
+    from eeserve.entrypoints.openai import server
+
+    seen = {}
+
+    def fake_run_server(config, host, port, api_key, served_model_name, sock):
+        seen["name"] = sock.getsockname()
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))  # taken while the model would load
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["serve", "--port", str(port)]) == 0
+    assert seen["name"] == ("127.0.0.1", port)
+
+
+def test_bench_serve_without_a_server_is_one_line(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    rc, out, err = run_cli(capsys, ["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1"])
+    assert_one_line_error(rc, err, "--base-url", f"127.0.0.1:{port}", "no server answers")
+    rc, out, err = run_cli(capsys, ["bench", "serve", "--base-url", "localhost:8000"])
+    assert_one_line_error(rc, err, "--base-url", "http://")
+
+
+def test_damaged_gguf_is_named_before_loading(capsys, tmp_path, no_model):
+    from eeserve.model.loader import alias_path
+
+    text = tmp_path / "readme.gguf"
+    text.write_text("not a model\n")
+    rc, _, err = run_cli(capsys, ["generate", "--model", str(text), "--prompt", "hi"])
+    assert_one_line_error(rc, err, "--model", str(text), "not a GGUF file")
+    cut = tmp_path / "cut.gguf"
+    with open(alias_path("smollm2-135m"), "rb") as f:
+        cut.write_bytes(f.read(3_000_000))
+    rc, _, err = run_cli(capsys, ["generate", "--model", str(cut), "--prompt", "hi"])
+    assert_one_line_error(rc, err, "--model", str(cut), "not a complete GGUF file")
+    rc, _, err = run_cli(capsys, ["generate", "--model", str(tmp_path / "notes.txt"), "--prompt", "hi"])
+    assert_one_line_error(rc, err, "--model", "does not exist")
+
+
+def test_prompts_file_errors_name_file_and_line(capsys, tmp_path, no_model):
+    rc, _, err = run_cli(capsys, ["generate", "--prompts-file", str(tmp_path)])
+    assert_one_line_error(rc, err, "--prompts-file", str(tmp_path), "is a directory")
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'"fine"\n"caf\xe9"\n')
+    rc, _, err = run_cli(capsys, ["generate", "--prompts-file", str(f)])
+    assert_one_line_error(rc, err, str(f), "line 2", "not valid UTF-8", "0xe9")
+    for bad in ('{"messages": "hi"}', '{"messages": [{"role": "user", "content": 5}]}', '{"messages": []}', '""'):
+        f.write_text('"fine"\n\n' + bad + "\n")
+        rc, _, err = run_cli(capsys, ["generate", "--prompts-file", str(f)])
+        assert_one_line_error(rc, err, str(f), "line 3")
+
+
+def test_exit_layers_without_trained_heads_refused_before_loading(capsys, no_model):
+    rc, _, err = run_cli(capsys, ["generate", "--prompt", "Hi", "--exit-policy", "token", "--exit-layers", "12,16,20,24"])
+    assert_one_line_error(rc, err, "--exit-layers", "[4]", "--exit-heads none")
+    rc, _, err = run_cli(capsys, ["generate", "--prompt", "Hi", "--exit-heads", "none", "--confidence", "classifier",
+                                  "--exit-layers", "8"])
+    assert_one_line_error(rc, err, "--confidence", "classifier")
+
+
+def test_python_api_exit_layers_without_heads_is_a_value_error(monkeypatch):
+    from eeserve import LLM
+    from eeserve.entrypoints import llm as llm_module
+
+    monkeypatch.setattr(llm_module, "LLMEngine", lambda c: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=r"^exit_layers must each have a trained head .* has \[4\]"):
+        LLM("smollm2-135m", early_exit={"exit_policy": "token", "exit_layers": (12, 16, 20, 24), "threshold": 0.9})
+
+
+def test_exit_layer_past_the_model_refused_before_the_weights_load(capsys, monkeypatch):
+    """The number of layers comes from config.json: checked before any weight is read."""
+    from eeserve.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine.loader, "load_state_dict", lambda *a, **k: pytest.fail("weights were loaded"))
+    rc, _, err = run_cli(capsys, ["generate", "--prompt", "Hi", "--exit-heads", "none", "--exit-layers", "12,30"])
+    assert_one_line_error(rc, err, "--exit-layers", "1..29", "30-layer")
+
+
+def test_prompts_file_out_of_vocabulary_ids_name_the_line(capsys, shared_engines, tmp_path):
+    f = tmp_path / "ids.jsonl"
+    f.write_text('{"prompt_token_ids": [1, 2, 3]}\n{"prompt_token_ids": [1, 49152]}\n')
+    rc, out, err = run_cli(capsys, ["generate", "--prompts-file", str(f), "--max-tokens", "2", *SMALL_KV])
+    assert_one_line_error(rc, err, str(f), "line 2", "[0, 49152)", "49152")
+    assert out == ""
+
+
+def test_a_normal_run_right_after_the_errors_succeeds(capsys, shared_engines, tmp_path):
+    for argv in (["serve", "--port", "99999"], ["generate", "--prompt", "x", "--threads", "0"],
+                 ["generate", "--prompts-file", str(tmp_path)],
+                 ["generate", "--prompt", "x", "--exit-layers", "12"]):
+        rc, _, err = run_cli(capsys, argv)
+        assert_one_line_error(rc, err)
+    rc, out, err = run_cli(capsys, ["generate", "--prompt", "The capital of France is", "--max-tokens", "4",
+                                    "--threads", "1", *SMALL_KV])
+    import torch
+
+    torch.set_num_threads(2)
+    assert rc == 0, err
+    assert out.startswith(" Paris")

@@ -8,6 +8,7 @@ import os
 import sys
 
 from eeserve.entrypoints.cli_args import (
+    _with_flag,
     add_engine_args,
     add_sampling_args,
     add_threads_arg,
@@ -411,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_threads(args)
         return int(args.func(args) or 0)
-    except (UserError, ValueError, OSError) as e:
+    except ValueError as e:  # also from the engine: a config field's error names its flag
+        print(f"eeserve: error: {_with_flag(e)}", file=sys.stderr)
+        return 2
+    except (UserError, OSError) as e:
         print(f"eeserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from eeserve.config import (
     CONFIDENCE_MEASURES,
@@ -95,15 +96,21 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
 def apply_threads(a: argparse.Namespace) -> int | None:
     """Set torch's thread count from ``--threads`` (or its default) once, before any model work.
 
+    torch is not imported for it (a command refused before its model loads stays fast): before
+    torch's import the count goes to ``OMP_NUM_THREADS``, which torch reads when it starts;
+    after it, to ``torch.set_num_threads``.
+
     Returns:
         The count set, or None for a command without ``--threads``.
     """
     if not hasattr(a, "threads"):
         return None
     n = a.threads if a.threads is not None else default_threads()
-    import torch
-
-    torch.set_num_threads(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
     return n
 
 
