@@ -536,3 +536,29 @@ def test_a_normal_run_right_after_the_errors_succeeds(capsys, shared_engines, tm
     torch.set_num_threads(2)
     assert rc == 0, err
     assert out.startswith(" Paris")
+
+
+# ---- bench serve's ratio line (issue 17 item 7) ----------------------------------------------------
+
+
+def _run(mode: str, exits: list[int], seconds: float):
+    from eeserve.entrypoints.bench_serve import RequestResult, RunResult, summarize
+
+    req = RequestResult(ok=True, latency=seconds, ttft=0.1, itls=[0.05] * (len(exits) - 1),
+                        num_output_tokens=len(exits), exit_layers=list(exits))
+    return summarize(RunResult(mode, seconds, [req]))
+
+
+def test_bench_table_claims_a_speed_up_only_with_early_exits():
+    from eeserve.entrypoints.bench_serve import format_table
+
+    # 8 tokens each; on: 8 / 1.0 s, off: 8 / 1.04 s -> 1.04x
+    no_exits = format_table([_run("on", [30] * 8, 1.0), _run("off", [30] * 8, 1.04)])
+    speed = [ln for ln in no_exits.splitlines() if ln.startswith("Speed-up")]
+    assert len(speed) == 1 and speed[0].split()[-1] == "none"
+    assert "1.04x (first/second) is noise" in no_exits and "about 4%" in no_exits
+    with_exits = format_table([_run("on", [30, 12, 30, 12, 30, 30, 30, 30], 1.0), _run("off", [30] * 8, 1.04)])
+    speed = [ln for ln in with_exits.splitlines() if ln.startswith("Speed-up")]
+    assert len(speed) == 1 and speed[0].split()[-1] == "1.04x"
+    aa = format_table([_run("off", [30] * 8, 1.0), _run("off", [30] * 8, 1.04)])
+    assert "A/A ratio (same settings: noise)" in aa and "Speed-up" not in aa

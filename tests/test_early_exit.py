@@ -464,18 +464,22 @@ def test_verify_exits_stop_strings_and_exit_counts():
     eng.set_early_exit(resolve_early_exit("smollm2-135m", {}))
     assert eng.config.early_exit.verify_exits
     before = dict(eng.stats.exits)
+    before_generated = eng.stats.num_generation_tokens
     outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]  # alone: exits on CPU
     for r, o in zip(ref, outs):
         assert (list(o.outputs[0].token_ids), o.outputs[0].text) == r
     assert outs[0].outputs[0].stop_reason == "=="
     assert any(e < 30 for o in outs for e in o.outputs[0].exit_layers)
-    # the engine's exit counters count delivered decode tokens at the layer that made them
+    # the engine's exit counters count delivered tokens (the first, from the prompt's pass, at
+    # full depth) at the layer that made them: the same tokens as num_generation_tokens
     counted = {e: n - before.get(e, 0) for e, n in eng.stats.exits.items()}
     delivered: dict[int, int] = {}
     for o in outs:
-        for e in o.outputs[0].exit_layers[1:]:
+        assert o.outputs[0].exit_layers[0] == 30
+        for e in o.outputs[0].exit_layers:
             delivered[e] = delivered.get(e, 0) + 1
     assert {e: n for e, n in counted.items() if n} == delivered
+    assert sum(delivered.values()) == eng.stats.num_generation_tokens - before_generated
     assert_no_leak(llm)
 
 

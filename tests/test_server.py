@@ -408,6 +408,31 @@ def test_metrics_exposed(server):
     assert _metric(server, "eeserve:generation_tokens_total") > 0
 
 
+def _metric_sum(server, name: str) -> float:
+    """Sum of every series of a metric (all label values)."""
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith((name + "{", name + " ")))
+
+
+def test_metric_counters_count_the_same_units(server):
+    """exit_tokens_total sums to generation_tokens_total (the first token of each sequence
+    included), and request_success_total counts what the e2e latency histogram counts."""
+    names = ("eeserve:exit_tokens_total", "eeserve:generation_tokens_total", "eeserve:request_success_total",
+             "eeserve:e2e_request_latency_seconds_count")
+    before = {n: _metric_sum(server, n) for n in names}
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "One, two,", "max_tokens": 3, "n": 2,
+                                          "temperature": 0.7, "seed": 1, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 6
+    after = {n: _metric_sum(server, n) for n in names}
+    delta = {n: after[n] - before[n] for n in names}
+    assert delta["eeserve:generation_tokens_total"] == 6
+    assert delta["eeserve:exit_tokens_total"] == 6
+    assert after["eeserve:exit_tokens_total"] == after["eeserve:generation_tokens_total"]
+    assert delta["eeserve:request_success_total"] == delta["eeserve:e2e_request_latency_seconds_count"] == 2
+    assert after["eeserve:request_success_total"] == after["eeserve:e2e_request_latency_seconds_count"]
+
+
 def test_bench_serve(server, capsys):
     import argparse
 
@@ -420,6 +445,10 @@ def test_bench_serve(server, capsys):
     assert bench_serve.main(args) == 0
     out = capsys.readouterr().out
     assert "early exit on" in out and "early exit off" in out and "Mean TTFT (ms)" in out
+    # the server runs with --exit-policy none: no exits, so no speed-up may be claimed
+    speed = [ln for ln in out.splitlines() if ln.startswith("Speed-up")]
+    assert len(speed) == 1 and speed[0].split()[-1] == "none", out
+    assert "no token exited early" in out and "noise, not a speed-up" in out
 
 
 # ---- AsyncLLMEngine failure handling, no model ----------------------------------------------

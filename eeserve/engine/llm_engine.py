@@ -66,8 +66,9 @@ class EngineStats:
         num_prompt_tokens: prompt tokens of admitted requests.
         num_generation_tokens: output tokens made final (a draft once verified, ``verify_exits``).
         num_preemptions: preemptions.
-        exits: exit layer -> decode tokens delivered that a head at that layer produced (L: full
-            depth); a replaced draft counts at L, rows discarded after it not at all.
+        exits: exit layer -> generated tokens delivered that a head at that layer produced (L: full
+            depth; a sequence's first token, made by the prompt's pass, counts at L); a replaced
+            draft counts at L, rows discarded after it not at all. Sums to num_generation_tokens.
         step: FLOP accounting summed over steps (its ``exits`` stays empty: see ``exits``).
     """
 
@@ -353,9 +354,10 @@ class LLMEngine:
             stop_str = child.detok.update([tid], stop_terminated and i == len(new_ids) - 1)
             j = start + i
             self.stats.num_generation_tokens += 1
-            if j > 0:  # the first token comes from the prompt's pass, not a decode step
-                e = req.exit_layers[j]
-                self.stats.exits[e] = self.stats.exits.get(e, 0) + 1
+            # every delivered token, the first (from the prompt's full-depth pass) included, so
+            # that the exit counters and num_generation_tokens count the same tokens
+            e = req.exit_layers[j]
+            self.stats.exits[e] = self.stats.exits.get(e, 0) + 1
             if stop_str is not None:
                 if not req.is_finished:
                     req.truncate_outputs(j + 1)

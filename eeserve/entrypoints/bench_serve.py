@@ -197,15 +197,44 @@ def format_table(summaries: list[dict]) -> str:
     lines = [f"{'':<{w0}}" + "".join(f"{h:>18}" for h in heads), "-" * (w0 + 18 * len(heads))]
     for label, key, fmt in rows:
         lines.append(f"{label:<{w0}}" + "".join(f"{fmt.format(s[key]):>18}" for s in summaries))
-    if len(summaries) == 2 and summaries[1]["output_throughput"] > 0:
-        lines.append(f"{'Speed-up (output tok/s, first/second)':<{w0}}"
-                     f"{summaries[0]['output_throughput'] / summaries[1]['output_throughput']:>18.2f}x")
+    lines.extend(_ratio_lines(summaries, w0))
     for s in summaries:
         hist = ", ".join(f"{e}:{n}" for e, n in s["exit_histogram"].items()) or "-"
         lines.append(f"exit layers (layer:tokens), early exit {s['mode']}: {hist}")
         for err in s["errors"]:
             lines.append(f"  error ({s['mode']}): {err}")
     return "\n".join(lines)
+
+
+def made_early_exits(on: dict, off: dict) -> bool:
+    """Whether the early-exit run left any token before the depth every token of the other
+    (early exit off, full depth) run used."""
+    full = max(off["exit_histogram"], default=None)
+    return full is not None and any(e < full for e in on["exit_histogram"])
+
+
+def _ratio_lines(summaries: list[dict], w0: int) -> list[str]:
+    """The throughput ratio of two runs, labelled for what it measures.
+
+    A ratio is a speed-up only when the runs did different work. Two runs with the same settings,
+    or an early-exit run in which no token left early, did the same work: their ratio shows only
+    how much this machine's timing varies (an A/A comparison), and is labelled so.
+    """
+    if len(summaries) != 2 or summaries[1]["output_throughput"] <= 0:
+        return []
+    a, b = summaries
+    ratio = a["output_throughput"] / b["output_throughput"]
+    band = f"{100 * abs(ratio - 1):.0f}%"
+    if a["mode"] == b["mode"]:
+        return [f"{'A/A ratio (same settings: noise)':<{w0}}{ratio:>18.2f}x",
+                f"the two runs did the same work: differences up to about {band} are this machine's noise"]
+    on, off = (a, b) if a["mode"] == "on" else (b, a)
+    if not made_early_exits(on, off):
+        return [f"{'Speed-up':<{w0}}{'none':>18}",
+                f"no token exited early (every token ran all layers in both runs), so the runs did the same work: "
+                f"their throughput ratio {ratio:.2f}x (first/second) is noise, not a speed-up "
+                f"(an A/A band of about {band})"]
+    return [f"{'Speed-up (output tok/s, first/second)':<{w0}}{ratio:>18.2f}x"]
 
 
 def _load_prompts(path: str | None) -> list[str]:

@@ -53,7 +53,8 @@ class _EngineCollector(Collector):
         yield counter("num_preemptions", "Preemptions (a request's KV freed and recomputed later).", s.num_preemptions)
 
         exits = CounterMetricFamily(
-            P + "exit_tokens", "Decode tokens by the exit point they left at (num_layers = full depth).",
+            P + "exit_tokens", "Generated tokens by the layer whose head made them (num_layers = full depth, "
+            "where each sequence's first token is made); sums to generation_tokens.",
             labels=["model_name", "exit_layer"],
         )
         for e in sorted(s.exits):
@@ -61,7 +62,7 @@ class _EngineCollector(Collector):
         yield exits
         total = sum(s.exits.values())
         mean = sum(e * n for e, n in s.exits.items()) / total if total else float(s.num_layers)
-        yield gauge("mean_layers_per_token", "Mean layers run per decode token since start.", mean)
+        yield gauge("mean_layers_per_token", "Mean layers run per generated token since start.", mean)
         yield counter("decode_flops", "FLOPs spent on decode tokens.", s.decode_flops)
         yield counter("decode_full_depth_flops", "FLOPs decode tokens would cost at full depth.", s.decode_full_flops)
         yield counter(
@@ -99,7 +100,8 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         ).labels(model_name)
         self.e2e = Histogram(
-            P + "e2e_request_latency_seconds", "End-to-end request latency.", labels,
+            P + "e2e_request_latency_seconds", "End-to-end latency of each finished sequence (each of n choices).",
+            labels,
             buckets=_E2E_BUCKETS, registry=self.registry,
         ).labels(model_name)
         self.exit_layer = Histogram(
@@ -126,7 +128,7 @@ class CounterByReason:
         from prometheus_client import Counter
 
         self._c = Counter(
-            P + "request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
+            P + "request_success", "Finished sequences (each of n choices) by finish reason.", ["model_name", "finished_reason"],
             registry=registry,
         )
         self.model_name = model_name
@@ -143,6 +145,7 @@ class RequestTracker:
         self.start = time.time()
         self.last_time: float | None = None
         self.num_tokens: dict[int, int] = {}
+        self.finished: set[int] = set()  # choice indexes already counted as finished
         self.done = False
 
     def observe(self, out: RequestOutput) -> None:
@@ -158,12 +161,17 @@ class RequestTracker:
             else:
                 self.m.itl.observe(now - self.last_time)
             self.last_time = now
+        # e2e latency and request_success count the same unit: sequences (each of a request's n
+        # choices, as vLLM counts its child requests), each when it finishes
+        for c in out.outputs:
+            if c.index in self.finished or (c.finish_reason is None and not out.finished):
+                continue
+            self.finished.add(c.index)
+            self.m.e2e.observe(now - out.metrics.arrival_time)
+            for e in c.exit_layers:
+                self.m.exit_layer.observe(e)
+            self.m.request_success.inc(c.finish_reason or "abort")
         if out.finished and not self.done:
             self.done = True
-            self.m.e2e.observe(now - out.metrics.arrival_time)
-            for c in out.outputs:
-                for e in c.exit_layers:
-                    self.m.exit_layer.observe(e)
-                self.m.request_success.inc(c.finish_reason or "abort")
             if out.metrics.mean_layers_per_token is not None:
                 self.m.request_layers.observe(out.metrics.mean_layers_per_token)
