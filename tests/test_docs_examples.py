@@ -4,7 +4,8 @@ The commands are read from the documents themselves, so an example that stops wo
 here. To keep this cheap:
 
 - ``eeserve generate`` / ``chat`` run in-process through ``cli.main`` with ``--max-tokens`` capped
-  at 6 (appended: argparse keeps the last value), and every ``LLMEngine`` of one model, cache and
+  at 6 (appended: argparse keeps the last value); in the Python and curl examples every
+  ``max_tokens`` is rewritten to 6. Every ``LLMEngine`` of one model, cache and
   scheduler configuration is built once and switched between early-exit settings with
   ``set_early_exit`` (the same validation as a fresh engine).
 - One real ``eeserve serve`` process (the README's command, on a free port) answers the curl
@@ -247,15 +248,21 @@ def _curl_examples() -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("example", _curl_examples(), ids=_id)
 def test_curl_examples(example, live_server):
     doc, argv = example
-    argv = _with_port(argv, live_server) + ["-sS", "-w", "\nHTTP %{http_code}"]
+    argv = [_fewer_tokens(a) for a in _with_port(argv, live_server)] + ["-sS", "-w", "\nHTTP %{http_code}"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip().endswith("HTTP 200"), r.stdout[-2000:]
     assert '"exit_layers"' in r.stdout
 
 
+def _fewer_tokens(code: str) -> str:
+    """The example with every max_tokens set to MAX_TOKENS (a Python keyword or a JSON field)."""
+    code = re.sub(r"max_tokens=\d+", f"max_tokens={MAX_TOKENS}", code)
+    return re.sub(r'"max_tokens": \d+', f'"max_tokens": {MAX_TOKENS}', code)
+
+
 def _python_blocks() -> list[tuple[str, str]]:
-    return [(name, b) for name, path in DOCS.items() for b in _blocks(path.read_text(), "python")]
+    return [(name, _fewer_tokens(b)) for name, path in DOCS.items() for b in _blocks(path.read_text(), "python")]
 
 
 def test_python_api_examples(engines, capsys, monkeypatch):

@@ -288,7 +288,7 @@ def test_bad_exit_settings_are_refused():
     with pytest.raises(ValueError, match="exit_layers must be in 1..29"):
         _ee_llm("token", "propagate", 0.5, exits=(8, 30))
     llm = _SHARED["llm"]
-    with pytest.raises(ValueError, match="needs trained heads"):
+    with pytest.raises(ValueError, match="exit_head must be .shared. when no exit_heads folder is given"):
         llm.engine.set_early_exit(resolve_early_exit("smollm2-135m", dict(
             exit_heads="none", exit_policy="token", exit_layers=(8,), exit_head="adapter")))
     with pytest.raises(ValueError, match="classifier"):
