@@ -213,8 +213,8 @@ class EarlyExitConfig:
             anyway (self-speculative decoding with a draft from the exit head, as LayerSkip,
             Elhoushi et al. 2024, arXiv 2404.16710, section 4). A draft that the full model would
             not have picked is replaced and the tokens computed after it are discarded, so the
-            output is the full-depth output: token for token when greedy, in distribution when
-            sampling. Needs ``kv_fill='recompute'``.
+            output is the full-depth output, token for token, greedy or sampled (sampling noise
+            is keyed by the request's seed and the token's index). Needs ``kv_fill='recompute'``.
         max_draft_tokens: with ``verify_exits``, the most unverified drafts a sequence may hold: a
             row whose sequence holds this many runs all layers and verifies them. A long chain
             costs more when its first draft is wrong (every row after it is discarded, and the

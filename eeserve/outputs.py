@@ -26,9 +26,11 @@ class CompletionOutput:
         token_ids: generated token ids.
         cumulative_logprob: sum of the chosen tokens' logprobs, or None when logprobs is None.
         logprobs: per generated token, {token_id: Logprob} of the top-N and the chosen token.
-        finish_reason: ``stop``, ``length``, ``abort`` or None while running.
+        finish_reason: ``stop``, ``length``, ``abort``, ``error`` (a step failed because of this
+            request; the other requests went on) or None while running.
         stop_reason: the stop string or stop token id that ended it, else None.
         exit_layers: per generated token, the number of layers run before its exit.
+        error: with finish_reason ``error``, what failed.
     """
 
     index: int
@@ -39,6 +41,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     exit_layers: list[int] = field(default_factory=list)
+    error: str | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from eeserve.sampling_params import SamplingParams
 
 
@@ -17,6 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # a step failed because of this request; the others went on (vLLM's name)
 
     @property
     def finished(self) -> bool:
@@ -24,11 +23,12 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_ERROR,
         )
 
     @property
     def finish_reason(self) -> str | None:
-        """OpenAI/vLLM finish reason: ``stop``, ``length``, ``abort``; None while unfinished."""
+        """OpenAI/vLLM finish reason: ``stop``, ``length``, ``abort``, ``error``; None while unfinished."""
         return self.value if self.finished else None
 
 
@@ -63,21 +63,21 @@ class Request:
     sampling_params: SamplingParams
     arrival_time: float  # seconds, time.time()
     max_tokens: int  # resolved output budget (tokens)
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends generation (EOS; generation_config.json's list)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # layers run, one per output token
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    generator: torch.Generator | None = None  # per-request RNG when seeded
+    seed: int | None = None  # sampling seed: output token j's noise is keyed by (seed, j) (worker/sampler.py)
     first_token_time: float | None = None  # seconds, time.time()
     finished_time: float | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    error: str | None = None  # why a step failed for this request alone (status FINISHED_ERROR)
     flops: float = 0.0  # FLOPs spent on this request's decode tokens
     full_flops: float = 0.0  # FLOPs the same tokens would cost at full depth
     num_draft_tokens: int = 0  # trailing output tokens from early exits not yet verified (verify_exits)
-    draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # per draft: [V] q of a sampled draft
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -101,7 +101,6 @@ class Request:
         tokens dropped are the last ones, drafts first."""
         dropped = max(0, len(self.output_token_ids) - num_tokens)
         self.num_draft_tokens = max(0, self.num_draft_tokens - dropped)
-        del self.draft_probs[self.num_draft_tokens :]
         del self.output_token_ids[num_tokens:]
         del self.exit_layers[num_tokens:]
         del self.output_logprobs[num_tokens:]

@@ -12,6 +12,7 @@ _MAX_SEED = 2**63 - 1
 MAX_N = 64  # most sequences one request may ask for
 MAX_LOGPROBS = 20  # most top logprobs per token (OpenAI's limit)
 MAX_LOGIT_BIAS = 100.0  # |bias| limit (OpenAI's)
+_MAX_TOP_K = 2**63 - 1  # the sampler never builds a tensor from more (values >= the vocabulary filter nothing)
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -148,8 +149,8 @@ class SamplingParams:
             "top_p", "a number in (0, 1]", self.top_p,
         )
         _check(
-            isinstance(self.top_k, int) and self.top_k >= 0,
-            "top_k", "an integer >= 1, or 0 / -1 to disable", self.top_k,
+            is_int(self.top_k) and 0 <= self.top_k <= _MAX_TOP_K,
+            "top_k", f"an integer in [1, {_MAX_TOP_K}], or 0 / -1 to disable", self.top_k,
         )
         _check(
             is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,

@@ -158,3 +158,114 @@ def test_paged_attention_mixed_batch_matches_a_direct_softmax():
             w = torch.softmax(torch.einsum("hd,khd->hk", q[r].double(), k) * hd**-0.5, dim=-1)
             ref = torch.einsum("hk,khd->hd", w, v).reshape(-1)
             torch.testing.assert_close(out[r].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _broken_params() -> SamplingParams:
+    """Params that pass validation and then break the sampler (as a field changed after
+    construction would): the float32 tensor of repetition penalties cannot hold 10**400."""
+    bad = SamplingParams(temperature=0, max_tokens=6, repetition_penalty=1.5)
+    object.__setattr__(bad, "repetition_penalty", 10**400)
+    return bad
+
+
+def test_a_request_that_breaks_the_step_fails_alone(llm, hf_model):
+    # Issue 18 item 1: of 16 requests in one step, the one whose sampling raises finishes with
+    # finish_reason "error"; the other 15 complete normally, in the sync engine and through
+    # AsyncLLMEngine (whose caller gets the error), and nothing leaks.
+    import asyncio
+
+    from eeserve.engine.async_engine import AsyncLLMEngine
+
+    prompts = [f"Item {i}: the colour of the sky is" for i in range(16)]
+    good = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = [good] * 16
+    params[5] = _broken_params()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert outs[5].outputs[0].finish_reason == "error"
+    assert "OverflowError" in outs[5].outputs[0].error
+    ref = llm.generate(prompts[:5] + prompts[6:], good, use_tqdm=False)
+    for o, r in zip(outs[:5] + outs[6:], ref):
+        c = o.outputs[0]
+        assert c.finish_reason == "length" and len(c.token_ids) == 6 and c.error is None
+        assert_same_or_near_tie(hf_model, o.prompt_token_ids, r.outputs[0].token_ids, c.token_ids, o.prompt)
+    assert_no_leak(llm)
+
+    async def concurrent():
+        eng = AsyncLLMEngine(llm.engine)
+        eng.start()
+
+        async def one(i):
+            try:
+                return [o async for o in eng.generate(prompts[i], params[i], f"a{i}")][-1]
+            except RuntimeError as e:
+                return e
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(16))), 600)
+        finally:
+            eng.shutdown()
+
+    results = asyncio.run(concurrent())
+    assert isinstance(results[5], RuntimeError) and "OverflowError" in str(results[5])
+    for o, r in zip(results[:5] + results[6:], ref):
+        assert not isinstance(o, BaseException), o
+        assert o.finished and o.outputs[0].finish_reason == "length"
+        assert_same_or_near_tie(hf_model, o.prompt_token_ids, r.outputs[0].token_ids, o.outputs[0].token_ids, o.prompt)
+    assert_no_leak(llm)
+
+
+def test_stop_string_completed_by_the_last_allowed_token_reports_stop(llm):
+    # Issue 18 item 2: when token max_tokens completes a stop string, the stop string wins:
+    # finish_reason "stop", stop_reason set, the text cut before it (vLLM's order).
+    tok = llm.tokenizer
+    prompt = "Q: What is the capital of France? A:"
+    ids = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    cases = []
+    for k in range(1, len(ids)):
+        before, upto = tok.decode(ids[:k]), tok.decode(ids[: k + 1])
+        stop = tok.decode([ids[k]]).strip()
+        if stop and stop not in before and upto.rstrip().endswith(stop) and upto.index(stop) >= len(before):
+            cases.append((k, stop, upto[: upto.index(stop)]))
+    assert cases, f"no token completes a fresh stop string in {tok.decode(ids)!r}"
+    for k, stop, text in cases[:2]:
+        last = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=k + 1, stop=[stop]),
+                            use_tqdm=False)[0].outputs[0]
+        assert (last.finish_reason, last.stop_reason, last.text) == ("stop", stop, text), k
+        assert list(last.token_ids) == list(ids[: k + 1])
+        later = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=k + 3, stop=[stop]),
+                             use_tqdm=False)[0].outputs[0]
+        assert (later.finish_reason, later.stop_reason, later.text) == ("stop", stop, text)
+    assert_no_leak(llm)
+
+
+def test_every_eos_id_of_generation_config_stops(llm, hf_model, tmp_path):
+    # Issue 18 item 4: generation_config.json's eos_token_id list is read; generation stops on
+    # any of them, and min_tokens masks all of them (checked against transformers' logits).
+    import json
+
+    prompt = "The capital of France is"
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ids = list(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and 2 not in ids[: i + 1])
+    extra = ids[k]  # made an EOS id of the copied model
+    src = llm.engine.model_files.path
+    for f in src.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, extra]}))
+    multi = LLM(str(tmp_path), num_kv_blocks=32, early_exit={"exit_heads": "none"})
+    assert multi.engine.eos_token_ids == (2, extra)
+    out = multi.generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    assert list(out.token_ids) == ids[: k + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    # min_tokens past k: at k the model takes its best token other than the EOS ids
+    held = multi.generate(prompt, SamplingParams(temperature=0, max_tokens=12, min_tokens=k + 1),
+                          use_tqdm=False)[0].outputs[0]
+    row = reference_logits(hf_model, llm.tokenizer.encode(prompt) + ids[:k])[-1]
+    row[[2, extra]] = float("-inf")
+    assert list(held.token_ids[:k]) == ids[:k] and held.token_ids[k] == int(row.argmax())
+    assert not {2, extra} & set(held.token_ids[: k + 1])
+    if held.finish_reason == "stop":
+        assert held.token_ids[-1] in (2, extra)
+    ignored = multi.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert list(ignored.token_ids) == ids  # ignore_eos ignores every EOS id
+    assert_no_leak(multi)

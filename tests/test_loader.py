@@ -20,6 +20,7 @@ from eeserve.model.loader import (
     default_cache_dir,
     gguf_cache_path,
     load_config,
+    load_eos_token_ids,
     load_state_dict,
     load_tokenizer,
     model_identity,
@@ -89,6 +90,13 @@ def test_fresh_conversion_layout(fresh: tuple[ModelFiles, float], gguf_file: Pat
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert json.loads((files.path / SOURCE_FILE).read_text())["source"] == str(gguf_file)
     assert "chat_template" in json.loads((files.path / "tokenizer_config.json").read_text())
+    # the GGUF's end-of-generation ids (this file names only EOS) for generation_config.json
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_file)
+    eos = int(reader.fields["tokenizer.ggml.eos_token_id"].contents())
+    assert "tokenizer.ggml.eot_token_id" not in reader.fields
+    assert json.loads((files.path / "generation_config.json").read_text())["eos_token_id"] == [eos]
     leftovers = [p for p in files.path.parent.iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
 
@@ -227,3 +235,15 @@ def test_unsupported_gguf_architecture_leaves_no_cache(tmp_path: Path) -> None:
 def test_cache_entry_is_not_owner_only(files: ModelFiles) -> None:
     assert files.path.stat().st_mode & 0o055 == 0o055
     assert (files.path / "model.safetensors").stat().st_mode & 0o044 == 0o044
+
+
+def test_eos_token_ids_from_every_source(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 5]}))
+    files = ModelFiles(name="x", path=tmp_path, source="x")
+    assert load_eos_token_ids(files, SimpleNamespace(eos_token_id=9)) == (9, 2, 7, 5)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<eos>"]}))
+    with pytest.raises(ValueError, match="eos_token_id in .*generation_config.json must be a token id"):
+        load_eos_token_ids(files, SimpleNamespace(eos_token_id=None))

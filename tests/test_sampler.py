@@ -9,14 +9,14 @@ from eeserve.sampling_params import SamplingParams
 from eeserve.worker.sampler import Sampler, SamplingMetadata, apply_penalties
 
 
-def _meta(params, prompts=None, outputs=None, generators=None, eos=None):
+def _meta(params, prompts=None, outputs=None, seeds=None, eos=None):
     B = len(params)
     return SamplingMetadata(
         params=params,
         prompt_token_ids=prompts if prompts is not None else [[] for _ in range(B)],
         output_token_ids=outputs if outputs is not None else [[] for _ in range(B)],
-        generators=generators if generators is not None else [None] * B,
-        eos_token_ids=eos if eos is not None else [None] * B,
+        seeds=seeds if seeds is not None else [None] * B,
+        eos_token_ids=[(e,) if isinstance(e, int) else tuple(e) for e in eos] if eos is not None else [()] * B,
     )
 
 
@@ -54,7 +54,7 @@ def test_top_k_1_equals_greedy():
     params = [SamplingParams(temperature=1.0, top_k=1)] * 64
     out = Sampler(_gen(1))(logits, _meta(params))
     assert out.token_ids.tolist() == expected
-    seeded = Sampler(_gen(2))(logits, _meta(params, generators=[_gen(i) for i in range(64)]))
+    seeded = Sampler(_gen(2))(logits, _meta(params, seeds=list(range(64))))
     assert seeded.token_ids.tolist() == expected
 
 
@@ -177,6 +177,9 @@ def test_min_tokens_blocks_eos_and_stop_ids():
         torch.zeros(n, 4), _meta([sp] * n, outputs=[[0]] * n, eos=[3] * n)
     )
     assert set(out.token_ids.tolist()) == {0, 1}
+    # a model with several EOS ids (generation_config.json): every one is masked
+    out = sampler(torch.zeros(n, 5), _meta([sp] * n, outputs=[[0]] * n, eos=[(3, 4)] * n))
+    assert set(out.token_ids.tolist()) == {0, 1}
 
 
 def test_logprobs_raw_values_and_rank():
@@ -187,7 +190,7 @@ def test_logprobs_raw_values_and_rank():
         SamplingParams(temperature=0.7, top_k=10, logprobs=0, seed=1),
         SamplingParams(temperature=1.0),
     ]
-    out = Sampler(_gen(0))(logits, _meta(params, generators=[None, _gen(1), None]))
+    out = Sampler(_gen(0))(logits, _meta(params, seeds=[None, 1, None]))
     ref = torch.log_softmax(logits, dim=-1)
     assert out.logprobs[2] is None
     for row in (0, 1):
@@ -217,43 +220,71 @@ def test_logprobs_are_before_penalties():
 
 
 def test_same_seed_same_tokens_whatever_the_batch():
+    # A seeded row's j-th token depends only on its logits, its seed and j: not on its batch
+    # mates, their seeds, their index in the batch, or how often the sampler ran before.
     torch.manual_seed(0)
     V = 1000
     mine = torch.randn(V) * 0.5  # flat enough that tokens vary from step to step
     others = torch.randn(3, V)
     p_seed = SamplingParams(temperature=1.0, seed=7)
     p_other = SamplingParams(temperature=0.9, top_p=0.9)
+    hist = [[0] * j for j in range(20)]  # the j-th output token of the request
 
-    g = _gen(7)
     logits_a = torch.stack([mine, others[0]])
-    run_a = [
-        Sampler(_gen(1))(logits_a, _meta([p_seed, p_other], generators=[g, None]))
-        .token_ids[0]
-        .item()
-        for _ in range(20)
-    ]
-    g = _gen(7)
-    g_b = _gen(99)
+    sampler_a = Sampler(_gen(1))
+    run_a = [sampler_a(logits_a, _meta([p_seed, p_other], outputs=[h, [1]], seeds=[7, None])).token_ids[0].item()
+             for h in hist]
     logits_b = torch.stack([others[1], others[2], mine])
     params_b = [p_other, SamplingParams(temperature=1.0, seed=99, min_p=0.05), p_seed]
-    run_b = [
-        Sampler(_gen(2))(logits_b, _meta(params_b, generators=[None, g_b, g])).token_ids[2].item()
-        for _ in range(20)
-    ]
-    g = _gen(7)
-    run_alone = [
-        Sampler(_gen(3))(mine.unsqueeze(0), _meta([p_seed], generators=[g])).token_ids[0].item()
-        for _ in range(20)
-    ]
+    sampler_b = Sampler(_gen(2))
+    sampler_b(logits_b, _meta(params_b, seeds=[None, 99, 7]))  # an extra call first: no effect
+    run_b = [sampler_b(logits_b, _meta(params_b, outputs=[[], [2] * 3, h], seeds=[None, 99, 7])).token_ids[2].item()
+             for h in hist]
+    run_alone = [Sampler(_gen(3))(mine.unsqueeze(0), _meta([p_seed], outputs=[h], seeds=[7])).token_ids[0].item()
+                 for h in reversed(hist)][::-1]
     assert run_a == run_b == run_alone
     assert len(set(run_a)) > 5  # it really samples
 
-    g8 = _gen(8)
-    run_other_seed = [
-        Sampler(_gen(1))(mine.unsqueeze(0), _meta([p_seed], generators=[g8])).token_ids[0].item()
-        for _ in range(20)
-    ]
+    run_other_seed = [Sampler(_gen(1))(mine.unsqueeze(0), _meta([p_seed], outputs=[h], seeds=[8])).token_ids[0].item()
+                      for h in hist]
     assert run_other_seed != run_a
+
+
+def test_keyed_noise_samples_the_distribution_over_seeds_and_indices():
+    # argmax(p / E) with E keyed by (seed, index) is an exact sample of p: over many seeds at one
+    # index, and over many indices of one seed (chi-square, 3 degrees of freedom, p = 0.001).
+    from eeserve.worker.sampler import exponential_race
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    n = 4000
+    expected = probs[0].double() * n
+    over_seeds = [int(exponential_race(probs, [s], [0], None)[0]) for s in range(n)]
+    over_indices = [int(exponential_race(probs, [12345], [j], None)[0]) for j in range(n)]
+    for ids in (over_seeds, over_indices):
+        counts = torch.bincount(torch.tensor(ids), minlength=4).double()
+        assert float(((counts - expected) ** 2 / expected).sum()) < 16.27
+
+
+def test_a_draft_is_kept_exactly_when_it_is_the_full_models_token():
+    # verify_exits: a draft sampled from the exit's distribution q and the full model's token
+    # from p use the same noise (same seed, same output index). The scheduler keeps the draft when
+    # the two are equal, so every final token is the full model's own sample for that seed; the
+    # coupling keeps the draft often when q is close to p, and never changes the result.
+    torch.manual_seed(1)
+    V = 64
+    p_logits = torch.randn(V) * 2
+    q_logits = p_logits + 0.3 * torch.randn(V)  # a good draft model
+    params = SamplingParams(temperature=1.0)
+    kept = 0
+    for seed in range(300):
+        sampler = Sampler(_gen(0))
+        draft = sampler(q_logits[None], _meta([params], outputs=[[5, 6]], seeds=[seed])).token_ids[0].item()
+        full = sampler(p_logits[None], _meta([params], outputs=[[5, 6]], seeds=[seed])).token_ids[0].item()
+        alone = Sampler(_gen(9))(p_logits[None], _meta([params], outputs=[[5, 6]], seeds=[seed])).token_ids[0].item()
+        assert full == alone  # the final token: what a run without drafts draws
+        kept += draft == full
+    tv = 0.5 * float((p_logits.softmax(-1) - q_logits.softmax(-1)).abs().sum())
+    assert kept / 300 >= (1 - tv) / (1 + tv) - 0.08  # Gumbel-coupling bound, with sampling slack
 
 
 def test_exponential_race_matches_probabilities():
@@ -275,40 +306,43 @@ def test_temperature_sharpens():
     assert frac0 == pytest.approx(0.36 / 0.52, abs=0.015)
 
 
-def test_speculative_accept_samples_the_target_distribution():
-    # Drafts drawn from q, verified against p: the tokens must be distributed as p, and a draft
-    # kept with probability sum_x min(p(x), q(x)) (Leviathan et al. 2023, section 2.3).
-    from eeserve.worker.sampler import speculative_accept
+def test_top_p_one_and_no_top_k_filter_nothing():
+    # Issue 17 item 11: with top_k 0 and top_p 1.0 no entry may be masked, even where the
+    # cumulative sum rounds to 1 before the last token.
+    from eeserve.worker.sampler import apply_top_k_top_p
 
-    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    q = torch.tensor([0.1, 0.6, 0.1, 0.2])
-    g = torch.Generator().manual_seed(0)
-    n = 20000
-    drafts = torch.multinomial(q, n, replacement=True, generator=g).tolist()
-    out = [speculative_accept(p, q, d, g) for d in drafts]
-    freq = torch.bincount(torch.tensor(out), minlength=4).float() / n
-    assert torch.allclose(freq, p, atol=0.015), freq
-    kept = sum(o == d for o, d in zip(out, drafts)) / n
-    assert kept == pytest.approx(float(torch.minimum(p, q).sum()), abs=0.015)  # 0.5
+    torch.manual_seed(0)
+    logits = torch.randn(2, 49152) * 4
+    out = apply_top_k_top_p(logits.clone(), torch.tensor([0, 49152]), torch.tensor([1.0, 1.0]))
+    assert torch.equal(out, logits)
+    assert not torch.isinf(out).any()
 
 
-def test_sampler_verify_greedy_rows_and_rows_without_a_draft_distribution():
-    sampler = Sampler(torch.Generator().manual_seed(0))
-    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
-    meta = SamplingMetadata(params=[SamplingParams(temperature=0.0, logprobs=1)] * 2, prompt_token_ids=[[0], [0]],
-                            output_token_ids=[[], []], generators=[None, None], eos_token_ids=[None, None])
-    out = sampler.verify(logits, meta, torch.tensor([1, 2]), [None, torch.tensor([0.0, 0.0, 1.0])])
-    assert out.token_ids.tolist() == [1, 0]  # greedy: the argmax, whatever the draft
-    assert out.logprobs[1].token_id == 0
-    assert out.logprobs[1].logprob == pytest.approx(float(torch.log_softmax(logits[1], -1)[0]))
+def test_unfiltered_rows_are_untouched_by_their_batch_mates_filters():
+    # A row that asks for no filtering has, bit for bit, the same logits after the filters and the
+    # same sampled tokens whatever its batch mates ask.
+    from eeserve.worker.sampler import apply_min_p, apply_top_k_top_p
+
+    torch.manual_seed(2)
+    V = 49152
+    logits = torch.randn(4, V) * 3
+    out = apply_top_k_top_p(logits.clone(), torch.tensor([0, 50, 0, 7]), torch.tensor([1.0, 1.0, 0.9, 0.5]))
+    assert torch.equal(out[0], logits[0])
+    assert int(torch.isfinite(out[1]).sum()) == 50  # the mates are filtered
+    assert int(torch.isfinite(out[3]).sum()) <= 7
+    out = apply_min_p(logits.clone(), torch.tensor([0.0, 0.1, 0.0, 0.0]))
+    assert torch.equal(out[0], logits[0])
+
+    plain = SamplingParams(temperature=0.8)
+    mates = [SamplingParams(temperature=0.8, top_k=50), SamplingParams(temperature=1.2, top_p=0.9, min_p=0.05)]
+    for seed in range(20):
+        alone = Sampler(_gen(0))(logits[:1], _meta([plain], seeds=[seed])).token_ids[0].item()
+        batch = Sampler(_gen(0))(logits[:3], _meta([plain, *mates], seeds=[seed, 1, None])).token_ids[0].item()
+        assert alone == batch
 
 
-def test_return_probs_is_the_distribution_sampled_from():
-    sampler = Sampler(torch.Generator().manual_seed(0))
-    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
-    meta = SamplingMetadata(params=[SamplingParams(temperature=0.0), SamplingParams(temperature=0.5)],
-                            prompt_token_ids=[[0], [0]], output_token_ids=[[], []], generators=[None, None],
-                            eos_token_ids=[None, None])
-    out = sampler(logits, meta, return_probs=True)
-    assert out.probs.tolist()[0] == [0.0, 1.0, 0.0]  # greedy: one-hot at the argmax
-    assert torch.allclose(out.probs[1], torch.softmax(logits[1] / 0.5, -1))
+def test_huge_top_k_filters_nothing():
+    # top_k beyond the vocabulary keeps every token; the sampler never builds a tensor from it.
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.5]])
+    ids = _sample_ids(logits[0], SamplingParams(temperature=1.0, top_k=2**40), n=2000)
+    assert set(ids) == {0, 1, 2, 3, 4}

@@ -39,12 +39,13 @@ def make_request(
     rid: str,
     num_prompt: int,
     max_tokens: int = 16,
-    eos: int | None = None,
+    eos: int | tuple[int, ...] | None = None,
     **params,
 ) -> Request:
     sp = SamplingParams(max_tokens=max_tokens, **params)
     prompt = [10 + (i % 50) for i in range(num_prompt)]  # never EOS
-    return Request(rid, prompt, sp, arrival_time=0.0, max_tokens=max_tokens, eos_token_id=eos)
+    return Request(rid, prompt, sp, arrival_time=0.0, max_tokens=max_tokens,
+                   eos_token_ids=(eos,) if isinstance(eos, int) else tuple(eos or ()))
 
 
 def next_token(req: Request) -> int:
@@ -295,14 +296,17 @@ def test_preempts_most_recently_admitted_then_recomputes():
     assert "a" not in sched.requests and "b" not in sched.requests
     assert sched.kv.num_free_blocks == 6
 
-    # c resumes: prompt + its 3 outputs recomputed in one chunk, all layers, then samples
+    # c resumes: prompt + its first 2 outputs recomputed in one chunk that does not sample, then
+    # its last token as a decode row that samples (as it would have run without the preemption)
     out = step(sched)
     (s,) = out.scheduled
     assert s.request_id == "c"
     assert s.start_position == 0
-    assert s.token_ids == tuple(c_tokens)
-    assert s.num_new_tokens == 9
-    assert s.sample and not s.is_decode
+    assert s.token_ids == tuple(c_tokens[:-1])
+    assert s.num_new_tokens == 8
+    assert not s.sample and not s.is_decode
+    (s,) = step(sched).scheduled
+    assert (s.token_ids, s.start_position, s.sample, s.is_decode) == ((c_tokens[-1],), 8, True, True)
     assert c.status == RequestStatus.FINISHED_LENGTH
     assert c.output_token_ids == [1000, 1001, 1002, 1003]
     assert_all_free(sched)
@@ -341,10 +345,13 @@ def test_recompute_after_preemption_keeps_outputs():
     preempted = [rid for o in seen for rid in o.preempted_request_ids]
     assert preempted == ["b"]  # step 4: a needs a 3rd block at position 8
     assert [sizes(o) for o in seen[:4]] == [{"a": 6, "b": 6}, {"a": 1, "b": 1}, {"a": 1, "b": 1}, {"a": 1}]
-    # b resumed after a finished: 6 prompt + 3 outputs recomputed from position 0
-    resume = next(o for o in seen if sizes(o).get("b", 0) > 1 and o is not seen[0])
-    assert sizes(resume) == {"b": 9}
-    assert resume.scheduled[0].token_ids == tuple([10 + i for i in range(6)] + [1000, 1001, 1002])
+    # b resumed after a finished: 6 prompt + 2 outputs recomputed from position 0 without
+    # sampling, then its last token (position 8) as a decode row, as it would have run unpreempted
+    i = next(i for i, o in enumerate(seen) if sizes(o).get("b", 0) > 1 and i > 0)
+    resume, after = seen[i].scheduled[0], seen[i + 1].scheduled[0]
+    assert sizes(seen[i]) == {"b": 8} and not resume.sample and not resume.is_decode
+    assert resume.token_ids == tuple([10 + i for i in range(6)] + [1000, 1001])
+    assert (after.token_ids, after.start_position, after.sample, after.is_decode) == ((1002,), 8, True, True)
     assert_all_free(sched)
 
 
@@ -365,6 +372,27 @@ def test_eos_stops():
     assert req.status.finish_reason == "stop"
     assert req.stop_reason is None
     assert req.exit_layers == [FULL_DEPTH] * 3
+    assert_all_free(sched)
+
+
+def test_every_eos_id_stops_after_min_tokens():
+    # Issue 18 item 4: a model with several EOS ids (generation_config.json) stops on any.
+    for seq, expected in (([7, 77, 9], [7, 77]), ([7, EOS, 9], [7, EOS])):
+        sched = make_scheduler()
+        req = make_request("a", 5, max_tokens=10, eos=(EOS, 77))
+        sched.add_request(req)
+        run_to_end(sched, tokens_from(seq))
+        assert req.output_token_ids == expected and req.status == RequestStatus.FINISHED_STOPPED
+    sched = make_scheduler()
+    req = make_request("a", 5, max_tokens=10, eos=(EOS, 77), min_tokens=2)
+    sched.add_request(req)
+    run_to_end(sched, tokens_from([77, 5, 77, 9]))
+    assert req.output_token_ids == [77, 5, 77]  # the first 77 is below min_tokens
+    sched = make_scheduler()
+    req = make_request("a", 5, max_tokens=4, eos=(EOS, 77), ignore_eos=True)
+    sched.add_request(req)
+    run_to_end(sched, tokens_from([77, EOS, 77, 9]))
+    assert req.output_token_ids == [77, EOS, 77, 9] and req.status == RequestStatus.FINISHED_LENGTH
     assert_all_free(sched)
 
 
@@ -655,8 +683,10 @@ def test_preemption_drops_unverified_drafts():
     _apply(sched, {"a": _draft(1001)})
     sched._preempt(req)
     assert req.output_token_ids == [1000] and req.num_draft_tokens == 0 and req.exit_layers == [FULL_DEPTH]
-    out, _ = _apply(sched, {"a": _full(1001)})  # resumes: prompt + the confirmed token, at full depth
-    assert out.scheduled[0].token_ids == (10, 11, 12, 13, 1000) and not out.scheduled[0].is_decode
+    out, _ = _apply(sched, {})  # resumes: the prompt at full depth, without sampling
+    assert out.scheduled[0].token_ids == (10, 11, 12, 13) and not out.scheduled[0].sample
+    out, _ = _apply(sched, {"a": _full(1001)})  # then the confirmed token as a decode row
+    assert out.scheduled[0].token_ids == (1000,) and out.scheduled[0].is_decode
     assert req.output_token_ids == [1000, 1001]
     sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
     assert_all_free(sched)

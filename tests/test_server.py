@@ -217,6 +217,35 @@ def test_32_concurrent_streams_match_sequential(server):
         assert text == alone.json()["choices"][0]["text"], p
 
 
+def test_one_malformed_request_among_16_leaves_the_others_alone(server):
+    # Issue 18 item 1: a top_k too large for any tensor arrived while others ran and failed them
+    # all with 500. Now it gets a 400 naming the field, and the other 15 complete as they would
+    # alone.
+    prompts = [f"Line {i}. {PROMPTS[i % len(PROMPTS)]}" for i in range(16)]
+    body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+    async def all_at_once():
+        async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=32)) as client:
+            async def one(i):
+                extra = {"top_k": 1180591620717411303424} if i == 7 else {}
+                return await client.post(server.base + "/v1/completions", headers=AUTH,
+                                         json={**body, "prompt": prompts[i], **extra})
+            return await asyncio.gather(*(one(i) for i in range(16)))
+
+    responses = asyncio.run(all_at_once())
+    bad = responses[7]
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"]["param"] == "top_k"
+    for i, r in enumerate(responses):
+        if i == 7:
+            continue
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        alone = _post(server, "/v1/completions", {**body, "prompt": prompts[i]})
+        assert choice["finish_reason"] == "length" and len(choice["exit_layers"]) == 8
+        assert choice["text"] == alone.json()["choices"][0]["text"], prompts[i]
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 _OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}

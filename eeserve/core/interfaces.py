@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from eeserve.request import TokenLogprobs
 
 
@@ -66,16 +64,13 @@ class SampledToken:
         exit_layer: layers run before the exit that produced it (L when no early exit).
         logprobs: when requested.
         draft: True when it came from an early exit under ``verify_exits`` and waits for its
-            position's full-depth prediction (the sequence's next step).
-        draft_probs: [V] float32, the distribution a sampled (not greedy) draft was drawn from:
-            verification keeps it with probability min(1, p/q) (``Sampler.verify``).
+            position's full-depth token (the sequence's next step).
     """
 
     token_id: int
     exit_layer: int
     logprobs: TokenLogprobs | None = None
     draft: bool = False
-    draft_probs: torch.Tensor | None = None
 
 
 @dataclass

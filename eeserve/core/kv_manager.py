@@ -105,6 +105,15 @@ class KVCacheManager:
         """The request's pending positions, in position order."""
         return sorted(self._pending.get(request_id, {}).values(), key=lambda p: p.position)
 
+    def snapshot_pending(self) -> dict[str, dict[int, PendingKV]]:
+        """A copy of the pending-KV state, to undo a step that failed (``restore_pending``)."""
+        return {rid: dict(entries) for rid, entries in self._pending.items()}
+
+    def restore_pending(self, snapshot: dict[str, dict[int, PendingKV]]) -> None:
+        """Put back the pending-KV state of ``snapshot_pending`` (the K/V slots a failed step wrote
+        are written again when its positions are recomputed)."""
+        self._pending = {rid: dict(entries) for rid, entries in snapshot.items()}
+
     @property
     def num_pending(self) -> int:
         return sum(len(v) for v in self._pending.values())

@@ -133,7 +133,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._num_new_tokens(req, budget)
             if self._make_room(req, req.num_computed_tokens + n, preempted):
                 scheduled[req.request_id] = n
                 budget -= n
@@ -142,7 +142,7 @@ class Scheduler:
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._num_new_tokens(req, budget)
             if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 if not self.running:  # the whole cache is free and still too small
                     self.waiting.popleft()
@@ -165,6 +165,17 @@ class Scheduler:
         )
         self._finished_in_schedule = []
         return out
+
+    @staticmethod
+    def _num_new_tokens(req: Request, budget: int) -> int:
+        """Tokens to compute for ``req`` this step: what it lacks, within ``budget``. A sequence
+        recomputed after preemption stops one short of its last token, which then runs alone as
+        a decode row, exactly as it would have without the preemption (it may exit early; a
+        chunk's rows run all layers)."""
+        remaining = req.num_tokens - req.num_computed_tokens
+        if req.num_output_tokens > 0 and remaining > 1:
+            remaining -= 1
+        return min(remaining, budget)
 
     def _make_room(self, req: Request, num_tokens: int, preempted: list[str]) -> bool:
         """Allocate slots for ``num_tokens`` positions of ``req``, preempting the most recently
@@ -228,7 +239,6 @@ class Scheduler:
                     req.output_logprobs.append(tok.logprobs)
                 if tok.draft:
                     req.num_draft_tokens += 1
-                    req.draft_probs.append(tok.draft_probs)
             if req.first_token_time is None and req.output_token_ids:
                 req.first_token_time = now
             for j in range(first_new, req.num_confirmed_tokens):
@@ -255,7 +265,6 @@ class Scheduler:
             raise RuntimeError(f"request {req.request_id!r}: {len(verified)} verified tokens for {req.num_draft_tokens} drafts")
         first = req.num_output_tokens - req.num_draft_tokens
         req.num_draft_tokens = 0
-        req.draft_probs.clear()
         for i, tok in enumerate(verified):
             j = first + i
             if tok.logprobs is not None:
@@ -276,7 +285,7 @@ class Scheduler:
         """Stop rule for the ``num_output``-th output token (1-based), ``token_id``."""
         p = req.sampling_params
         if num_output >= p.min_tokens:
-            if not p.ignore_eos and req.eos_token_id is not None and token_id == req.eos_token_id:
+            if not p.ignore_eos and token_id in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token_id in p.stop_token_ids:
                 req.stop_reason = token_id

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eeserve.config import EarlyExitConfig
-from eeserve.core.interfaces import StepStats
+from eeserve.core.interfaces import ScheduledRequest, StepStats
 from eeserve.core.kv_manager import KVCacheManager, PendingKV
 from eeserve.early_exit.confidence import (
     LOGIT_MEASURES,
@@ -59,6 +59,7 @@ class _Group:
     ctx_slots: torch.Tensor  # [ctx] slots of positions 0..ctx-1
     joins: dict[int, list[PendingKV]] = field(default_factory=dict)  # layer -> pending rows joining there
     riding: list[int] = field(default_factory=list)  # positions of pending rows now in the batch
+    replayed: dict[int, list[int]] = field(default_factory=dict)  # layer -> rows' positions leaving there (propagate)
     prev_hidden: torch.Tensor | None = None  # [H] decode row at the previous exit (saturation)
     top_ids: torch.Tensor | None = None  # [K] pruned vocabulary from the first exit point
     spent: float = 0.0  # FLOPs
@@ -130,10 +131,14 @@ class ExitExecutor:
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def needed(self, inputs: BatchInputs) -> bool:
-        """Whether a step needs this layer loop: it has decode rows, and it either checks exits
-        (at most ``exit_batch_limit`` decode rows) or carries pending rows (``recompute``).
-        Otherwise the plain full-depth forward does the same work without the bookkeeping."""
+    def needed(self, inputs: BatchInputs, requests: dict[str, Request]) -> bool:
+        """Whether a step needs this layer loop: it recomputes tokens that exited early
+        (``propagate``, after preemption: ``_replayed_exits``), or it has decode rows and either
+        checks exits (at most ``exit_batch_limit`` decode rows) or carries pending rows
+        (``recompute``). Otherwise the plain full-depth forward does the same work without the
+        bookkeeping."""
+        if self.filler is not None and any(self._replayed_exits(s, requests[s.request_id]) for s in inputs.scheduled):
+            return True
         n = len(inputs.decode_request_ids)
         if n == 0:
             return False
@@ -145,6 +150,24 @@ class ExitExecutor:
         """Whether a step with ``num_decode`` decode rows checks its exit points (max_exit_batch)."""
         limit = self.config.exit_batch_limit(self.model.device.type)
         return not limit or num_decode <= limit
+
+    def _replayed_exits(self, s: ScheduledRequest, req: Request) -> dict[int, list[int]]:
+        """Under ``propagate``, the positions of a chunk that recomputes generated tokens (after
+        preemption) whose rows left early when first computed: exit layer -> positions. They leave
+        at the same layer again and get the same propagated K/V, so the cache, and the tokens that
+        follow, are what they would have been without the preemption. (``recompute`` needs no
+        replay: once its pending rows are filled the cache is the full-depth one, which a chunk
+        computes at once.)"""
+        if s.is_decode or self.filler is None:
+            return {}
+        out: dict[int, list[int]] = {}
+        L = self.model.args.num_layers
+        P = req.num_prompt_tokens
+        for q in range(max(s.start_position, P), s.start_position + s.num_new_tokens):
+            j = q - P + 1  # the output token that the row at position q produced
+            if j < req.num_output_tokens and req.exit_layers[j] < L and req.exit_layers[j] in self.filler.weights:
+                out.setdefault(req.exit_layers[j], []).append(q)
+        return out
 
     def _groups(self, inputs: BatchInputs, requests: dict[str, Request]) -> list[_Group]:
         groups = []
@@ -168,6 +191,7 @@ class ExitExecutor:
                 ctx_slots=seq.kv_slots,
             )
             g.slots = g.ctx_slots[g.positions[0] : g.positions[-1] + 1].tolist()
+            g.replayed = self._replayed_exits(s, req)
             if s.is_decode and self.config.kv_fill == "recompute":
                 for p in self.kv_manager.pending(s.request_id):
                     g.joins.setdefault(p.from_layer, []).append(p)
@@ -259,7 +283,7 @@ class ExitExecutor:
         step_logits = _StepLogits()
         exit_layer_of: dict[str, int] = {}  # request id -> layers run
         request_flops: dict[str, tuple[float, float]] = {}  # request id -> (spent, full depth)
-        boundaries = sorted(set(self.exit_points) | {j for g in groups for j in g.joins} | {L})
+        boundaries = sorted(set(self.exit_points) | {j for g in groups for j in (*g.joins, *g.replayed)} | {L})
         meta = self._meta(groups)
         check = self._checks_exits(sum(g.is_decode for g in groups))
         cur = 0
@@ -273,6 +297,9 @@ class ExitExecutor:
             changed = False
             if any(b in g.joins for g in groups):
                 h = self._join(groups, h, b)
+                changed = True
+            if any(b in g.replayed for g in groups):
+                h, groups = self._replay(b, groups, h, stats)
                 changed = True
             if b == L:
                 break
@@ -322,6 +349,36 @@ class ExitExecutor:
         exit_layers = [exit_layer_of[r] for r in order]
         verify_logits = {rid: torch.stack([rows[k] for k in keys]) for rid, keys in verify_keys.items()}
         return ForwardResult(logits, exit_layers, stats, request_flops, verify_logits)
+
+    def _replay(self, e: int, groups: list[_Group], h: torch.Tensor, stats: StepStats
+                ) -> tuple[torch.Tensor, list[_Group]]:
+        """Rows recomputed after preemption that left at exit ``e`` the first time leave again:
+        their skipped layers get the propagated K/V from their hidden state here (``propagate``),
+        and the batch goes on without them.
+
+        Returns:
+            ([T', H] the rows that stay, the groups that still have rows).
+        """
+        keep: list[int] = []
+        leave: list[tuple[int, int, int]] = []  # (row, position, slot)
+        left: list[_Group] = []
+        for g, off in zip(groups, self._offsets(groups)):
+            gone = set(g.replayed.pop(e, ()))
+            rows = list(zip(range(off, off + g.n), g.positions, g.slots))
+            leave.extend(r for r in rows if r[1] in gone)
+            rows = [r for r in rows if r[1] not in gone]
+            keep.extend(r[0] for r in rows)
+            g.positions, g.slots = [r[1] for r in rows], [r[2] for r in rows]
+            if rows:
+                left.append(g)
+            elif g.samples:
+                raise RuntimeError(f"request {g.request_id!r}: the row that samples cannot replay an exit")
+        device = h.device
+        self.filler.fill(e, h[torch.tensor([r[0] for r in leave], device=device)],
+                         torch.tensor([r[1] for r in leave], device=device),
+                         torch.tensor([r[2] for r in leave], device=device), self.kv_cache)
+        stats.kv_fill_flops += self.filler.flops(e) * len(leave)
+        return h[torch.tensor(keep, dtype=torch.long, device=device)], left
 
     def _account(self, g: _Group, stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> None:
         """Close the FLOP books of a decode row that left (at an exit point or at L)."""

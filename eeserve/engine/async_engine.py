@@ -265,7 +265,9 @@ class AsyncLLMEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # Which requests the failure touched is unknown: fail and free all of them, keep serving.
+            # LLMEngine.step fails a request whose work breaks the model step on its own; what
+            # still raises here (scheduling, bookkeeping) may touch any request: fail and free all
+            # of them, keep serving.
             logger.exception("engine step failed; aborting the running requests")
             ids = self.engine.unfinished_request_ids()
             err = RuntimeError(f"engine step failed: {e!r}")
@@ -279,7 +281,11 @@ class AsyncLLMEngine:
                     self._deliver(rid, err)
             return
         for out in outputs:
-            self._deliver(out.request_id, out)
+            errors = [c.error for c in out.outputs if c.finish_reason == "error"]
+            if errors:  # this request alone made the step fail; the others went on
+                self._deliver(out.request_id, RuntimeError(f"request failed in the engine: {errors[0]}"))
+            else:
+                self._deliver(out.request_id, out)
 
     def _deliver(self, request_id: str, item: Any) -> None:
         q = self._queues.get(request_id)

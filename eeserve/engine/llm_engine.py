@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from eeserve.config import EarlyExitConfig, EngineConfig, check_threshold
-from eeserve.core.interfaces import StepStats
+from eeserve.core.interfaces import ModelRunnerOutput, SchedulerOutput, StepStats
 from eeserve.core.kv_manager import KVCacheManager, cdiv
 from eeserve.core.scheduler import Scheduler
 from eeserve.early_exit.defaults import check_exit_config
@@ -147,7 +147,7 @@ class LLMEngine:
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.manual_seed(mc.seed)
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(self.default_generator), self._build_exit_executor())
-        self.eos_token_id: int | None = self.tokenizer.eos_token_id
+        self.eos_token_ids: tuple[int, ...] = loader.load_eos_token_ids(self.model_files, self.tokenizer)
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}
@@ -263,19 +263,23 @@ class LLMEngine:
         parent = _Parent(request_id, text, ids, params, now)
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(params.seed + i)
+            # Every sequence samples with a seed (worker/sampler.py: noise keyed by seed and output
+            # index): the user's (plus the child's index, as vLLM), else one drawn from the engine's
+            # generator. Its tokens then never depend on its batch mates or on verified drafts.
+            seed = params.seed + i if params.seed is not None else self._draw_seed()
             req = Request(
                 request_id=child_id, prompt_token_ids=list(ids), sampling_params=params, arrival_time=now,
-                max_tokens=max_tokens, eos_token_id=self.eos_token_id, generator=gen,
+                max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, seed=seed,
             )
             self.scheduler.add_request(req)
             parent.children.append(_Child(req, IncrementalDetokenizer(self.tokenizer, params, ids)))
             self._child_to_parent[child_id] = request_id
         self._parents[request_id] = parent
         self.stats.num_prompt_tokens += len(ids) * params.n
+
+    def _draw_seed(self) -> int:
+        """A sampling seed for a request without one, from the engine's seeded generator."""
+        return int(torch.randint(0, 2**62, (), generator=self.default_generator, device=self.device))
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Abort requests (by user request id); their blocks are freed at once. Unknown ids are ignored."""
@@ -303,7 +307,14 @@ class LLMEngine:
     # ---- stepping ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the outputs of requests that changed (finished ones last time)."""
+        """Run one iteration; return the outputs of requests that changed (finished ones last time).
+
+        A request whose work makes the step fail (an exception in the model runner or the
+        sampler, or in its detokenizer) finishes alone with ``finish_reason`` ``error`` and its
+        ``error`` set; the rest of the step is run again in parts without it, and the other
+        requests go on (``_execute``; only settings whose exits depend on the batch size,
+        ``max_exit_batch`` and the ``batch`` policy, can see the smaller parts).
+        """
         sched = self.scheduler.schedule()
         self.stats.num_preemptions += len(sched.preempted_request_ids)
         touched: dict[str, None] = dict.fromkeys(
@@ -311,25 +322,38 @@ class LLMEngine:
         )
         if not sched.is_empty:
             live = {s.request_id: self.scheduler.requests[s.request_id] for s in sched.scheduled}
-            result = self.runner.execute(sched, live)
-            self._accumulate(result.stats)
-            discarded = self.scheduler.num_rows_discarded
-            updated = self.scheduler.update_from_output(sched, result)
-            # decode rows dropped after a replaced draft (verify_exits) made no token: their
-            # FLOPs stay spent, their full-depth cost is not a token's
-            discarded = self.scheduler.num_rows_discarded - discarded
-            self.stats.step.decode_full_flops -= discarded * self.args.full_depth_flops()
-            stopped: list[str] = []
-            for req in updated:
-                pid = self._child_to_parent[req.request_id]
-                child = self._child(pid, req.request_id)
-                stop_str = self._detokenize(req, child)
-                if stop_str is not None and not req.is_finished:
+            failed: dict[str, BaseException] = {}
+            for part, result in self._execute(sched, live, failed):
+                self._accumulate(result.stats)
+                discarded = self.scheduler.num_rows_discarded
+                updated = self.scheduler.update_from_output(part, result)
+                # decode rows dropped after a replaced draft (verify_exits) made no token: their
+                # FLOPs stay spent, their full-depth cost is not a token's
+                discarded = self.scheduler.num_rows_discarded - discarded
+                self.stats.step.decode_full_flops -= discarded * self.args.full_depth_flops()
+                stopped: list[str] = []
+                for req in updated:
+                    pid = self._child_to_parent[req.request_id]
+                    touched[pid] = None
+                    child = self._child(pid, req.request_id)
+                    try:
+                        stop_str = self._detokenize(req, child)
+                    except Exception as e:  # noqa: BLE001 - this request's text alone
+                        failed[req.request_id] = e
+                        continue
+                    if stop_str is None:
+                        continue
                     req.stop_reason = stop_str
-                    stopped.append(req.request_id)
-                touched[pid] = None
-            if stopped:
-                self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+                    if not req.is_finished:
+                        stopped.append(req.request_id)
+                    elif req.status == RequestStatus.FINISHED_LENGTH:
+                        # the last allowed token completed the stop string: the match wins (vLLM)
+                        req.status = RequestStatus.FINISHED_STOPPED
+                if stopped:
+                    self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            for rid, err in failed.items():
+                touched[self._child_to_parent[rid]] = None
+                self._fail_request(rid, err)
         outputs = [self._make_output(self._parents[pid]) for pid in touched if pid in self._parents]
         for out in outputs:
             if out.finished:
@@ -337,6 +361,43 @@ class LLMEngine:
                 for c in parent.children:
                     self._child_to_parent.pop(c.request.request_id, None)
         return outputs
+
+    def _execute(self, sched: SchedulerOutput, live: dict[str, Request], failed: dict[str, BaseException]
+                 ) -> list[tuple[SchedulerOutput, ModelRunnerOutput]]:
+        """Run the step; if it raises, undo its pending-KV changes and run each half again, down
+        to the single request that fails (which goes into ``failed``).
+
+        Every sequence's work in a step is independent of the others' (attention is per sequence,
+        sampling per row, noise keyed per request), so the parts together compute what the whole
+        step would have; a failed attempt leaves only K/V slots that are written again.
+
+        Returns:
+            (the part of ``sched`` that ran, its result) pairs, in schedule order.
+        """
+        snapshot = self.kv_manager.snapshot_pending()
+        try:
+            return [(sched, self.runner.execute(sched, live))]
+        except Exception as e:  # noqa: BLE001 - narrowed down below, raised to no caller
+            self.kv_manager.restore_pending(snapshot)
+            if len(sched.scheduled) == 1:
+                failed[sched.scheduled[0].request_id] = e
+                return []
+            logger.warning("engine step failed (%r); running its %d requests again in halves", e, len(sched.scheduled))
+        half = len(sched.scheduled) // 2
+        return [pair for part in (sched.scheduled[:half], sched.scheduled[half:])
+                for pair in self._execute(_subset(sched, part), live, failed)]
+
+    def _fail_request(self, request_id: str, err: BaseException) -> None:
+        """Finish one child with ``error``; its user request's other children are aborted."""
+        logger.error("request %r failed: %r", request_id, err)
+        parent = self._parents[self._child_to_parent[request_id]]
+        req = self._child(parent.request_id, request_id).request
+        req.error = f"{type(err).__name__}: {err}"
+        if req.is_finished:  # it failed in its detokenizer, after its last token
+            req.status = RequestStatus.FINISHED_ERROR
+        else:
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ERROR)
+        self.scheduler.finish_requests([c.request.request_id for c in parent.children], RequestStatus.FINISHED_ABORTED)
 
     def _detokenize(self, req: Request, child: _Child) -> str | None:
         """Feed the request's new final tokens to its detokenizer one at a time (a step can make
@@ -359,8 +420,7 @@ class LLMEngine:
             e = req.exit_layers[j]
             self.stats.exits[e] = self.stats.exits.get(e, 0) + 1
             if stop_str is not None:
-                if not req.is_finished:
-                    req.truncate_outputs(j + 1)
+                req.truncate_outputs(j + 1)  # also when finished: tokens final with it come after it
                 break
         return stop_str
 
@@ -406,6 +466,7 @@ class LLMEngine:
                     finish_reason=req.status.finish_reason,
                     stop_reason=req.stop_reason,
                     exit_layers=req.exit_layers[:n],
+                    error=req.error,
                 )
             )
             all_exits.extend(req.exit_layers[:n])
@@ -456,3 +517,8 @@ class LLMEngine:
     def check_integrity(self) -> None:
         """Raises AssertionError if the block accounting is inconsistent."""
         self.kv_manager.check_integrity()
+
+
+def _subset(sched: SchedulerOutput, scheduled: tuple) -> SchedulerOutput:
+    """The part of a step that runs ``scheduled`` (preemptions and finishes stay with the whole)."""
+    return SchedulerOutput(scheduled=tuple(scheduled), num_batched_tokens=sum(s.num_new_tokens for s in scheduled))

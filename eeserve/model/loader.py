@@ -216,6 +216,35 @@ def load_tokenizer(files: ModelFiles) -> transformers.PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_eos_token_ids(files: ModelFiles, tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """Every token id that ends generation (min_tokens and ``ignore_eos`` apply to all of them).
+
+    The tokenizer's EOS first, then ``eos_token_id`` of ``config.json`` and of
+    ``generation_config.json`` (an id or a list of ids, as Hugging Face writes them; vLLM reads
+    the latter too). Order kept, duplicates dropped.
+
+    Raises:
+        ValueError: an ``eos_token_id`` that is neither an id nor a list of ids.
+    """
+    ids: list[int] = []
+
+    def add(value: object, where: str) -> None:
+        values = [value] if isinstance(value, int) else value
+        if not isinstance(values, list) or not all(isinstance(t, int) and t >= 0 for t in values):
+            raise ValueError(f"eos_token_id in {where} must be a token id or a list of token ids, got {value!r}")
+        ids.extend(t for t in values if t not in ids)
+
+    if tokenizer.eos_token_id is not None:
+        add(tokenizer.eos_token_id, "the tokenizer")
+    for name in ("config.json", "generation_config.json"):
+        path = files.path / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                add(value, str(path))
+    return tuple(ids)
+
+
 def load_state_dict(
     files: ModelFiles, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
@@ -367,6 +396,12 @@ def _write_hf_folder(gguf_path: Path, out: Path) -> None:
         state[_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(weights))
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
+    # llama.cpp ends generation at any end-of-generation id: EOS, and end-of-turn / end-of-message
+    # where the file names them; Hugging Face keeps such a list in generation_config.json.
+    eog = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eog = list(dict.fromkeys(int(t) for t in eog if t is not None))
+    if eog:
+        (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eog}, indent=2) + "\n")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name

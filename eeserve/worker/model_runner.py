@@ -158,7 +158,7 @@ class ModelRunner:
             the sampled token (with its exit layer) of each request whose chunk samples.
         """
         inputs = prepare_inputs(out, self.kv_cache, self.model.device)
-        if self.exit_executor is not None and self.exit_executor.needed(inputs):
+        if self.exit_executor is not None and self.exit_executor.needed(inputs, requests):
             result = self.exit_executor.forward(inputs, requests)
         else:
             result = self.full_forward(inputs)
@@ -167,24 +167,19 @@ class ModelRunner:
         sampled: dict[str, SampledToken] = {}
         if inputs.sample_request_ids:
             reqs = [requests[rid] for rid in inputs.sample_request_ids]
-            drafts = [verify and e < L for e in result.exit_layers]
-            # a sampled draft keeps the distribution it came from, for the acceptance rule
-            keep_q = any(d and r.sampling_params.temperature > 0 for d, r in zip(drafts, reqs))
-            sout = self.sampler(result.logits, _sampling_metadata(reqs, [r.num_output_tokens for r in reqs]),
-                                return_probs=keep_q)
+            sout = self.sampler(result.logits, _sampling_metadata(reqs, [r.num_output_tokens for r in reqs]))
             ids = sout.token_ids.tolist()
             for i, rid in enumerate(inputs.sample_request_ids):
-                q = sout.probs[i].clone() if keep_q and drafts[i] and reqs[i].sampling_params.temperature > 0 else None
-                sampled[rid] = SampledToken(ids[i], result.exit_layers[i], sout.logprobs[i], draft=drafts[i],
-                                            draft_probs=q)
+                e = result.exit_layers[i]
+                sampled[rid] = SampledToken(ids[i], e, sout.logprobs[i], draft=verify and e < L)
         return ModelRunnerOutput(sampled=sampled, stats=result.stats, request_flops=result.request_flops,
                                  verified=self._verify(result.verify_logits, requests))
 
     def _verify(self, verify_logits: dict[str, torch.Tensor], requests: dict[str, Request]) -> dict[str, tuple[SampledToken, ...]]:
-        """The full-depth token of every draft position (``Sampler.verify``: the draft itself when
-        kept), each row with the sampling state (penalties, min_tokens, its own RNG) that a
-        full-depth step at that position would have had. The scheduler compares them with the
-        drafts.
+        """The full-depth token of every draft position, each row sampled with the state (history,
+        penalties, min_tokens, and the request's noise for that output index, ``Sampler``) that a
+        full-depth step at that position would have had: the token a run without drafts makes
+        there. The scheduler keeps a draft exactly when it equals it.
 
         Raises:
             RuntimeError: a request's pending rows and draft tokens differ in number (a bug: each
@@ -193,7 +188,7 @@ class ModelRunner:
         if not verify_logits:
             return {}
         L = self.model.args.num_layers
-        reqs, counts, owners, drafts, qs = [], [], [], [], []
+        reqs, counts, owners = [], [], []
         for rid, logits in verify_logits.items():
             r = requests[rid]
             k = logits.shape[0]
@@ -203,10 +198,7 @@ class ModelRunner:
             reqs.extend([r] * k)
             counts.extend(range(first, first + k))
             owners.extend([rid] * k)
-            drafts.extend(r.output_token_ids[first:])
-            qs.extend(r.draft_probs)
-        sout = self.sampler.verify(torch.cat(list(verify_logits.values())), _sampling_metadata(reqs, counts),
-                                   torch.tensor(drafts), qs)
+        sout = self.sampler(torch.cat(list(verify_logits.values())), _sampling_metadata(reqs, counts))
         out: dict[str, list[SampledToken]] = {}
         for rid, tid, lp in zip(owners, sout.token_ids.tolist(), sout.logprobs):
             out.setdefault(rid, []).append(SampledToken(tid, L, lp))
@@ -221,8 +213,8 @@ def _sampling_metadata(reqs: list[Request], num_outputs: list[int]) -> SamplingM
         prompt_token_ids=[r.prompt_token_ids for r in reqs],
         output_token_ids=[r.output_token_ids if n == len(r.output_token_ids) else r.output_token_ids[:n]
                           for r, n in zip(reqs, num_outputs)],
-        generators=[r.generator for r in reqs],
-        eos_token_ids=[r.eos_token_id for r in reqs],
+        seeds=[r.seed for r in reqs],
+        eos_token_ids=[r.eos_token_ids for r in reqs],
     )
 
 

@@ -8,8 +8,16 @@ Order of operations, per row of logits:
 3. penalties: repetition (prompt + output ids), then frequency and presence (output counts);
 4. greedy rows (temperature < 1e-5) take the argmax;
 5. other rows: temperature, top-k, top-p, min-p, then the exponential race
-   ``argmax(probs / Exponential(1))``, which is an exact sample from ``probs``. A seeded row draws
-   its noise only from its own generator, so its tokens do not depend on its batch mates.
+   ``argmax(probs / E)``, E ~ Exponential(1) i.i.d. per vocabulary entry, an exact sample from
+   ``probs`` (the Gumbel-max trick in another form). A row with a seed draws E for its j-th output
+   token from a generator seeded with (seed, j) alone, so its tokens depend neither on its batch
+   mates nor on how many times the row was sampled before: a draft made by an early exit and the
+   full model's token at the same position see the same E, and a draft is kept exactly when it is
+   the token the full model draws (``verify_exits``: the output is the full model's, token for
+   token, for sampling as for greedy decoding).
+
+Rows that ask for no top-k / top-p / min-p filtering are never touched by those steps, so their
+distribution is bit for bit the same whatever their batch mates ask.
 """
 
 from __future__ import annotations
@@ -31,15 +39,14 @@ class SamplingMetadata:
     params: list[SamplingParams]  # the request's sampling parameters
     prompt_token_ids: list[list[int]]  # prompt ids (repetition penalty)
     output_token_ids: list[list[int]]  # ids generated so far (penalties, min_tokens)
-    generators: list[torch.Generator | None]  # per-request RNG when the request has a seed
-    eos_token_ids: list[int | None]  # the request's EOS id (masked until min_tokens)
+    seeds: list[int | None]  # per-request sampling seed (noise keyed by seed and output index); None: shared RNG
+    eos_token_ids: list[tuple[int, ...]]  # the request's EOS ids (masked until min_tokens)
 
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64, the sampled token of each row
     logprobs: list[TokenLogprobs | None]  # per row; None unless params.logprobs is not None
-    probs: torch.Tensor | None = None  # [B, V] float32 distribution sampled from (with return_probs)
 
 
 def apply_penalties(
@@ -105,25 +112,37 @@ def apply_top_k_top_p(
     """Mask to -inf every token outside the row's top-k and top-p sets (one sort), in place.
 
     top-p keeps the smallest set of most likely tokens whose probability mass is >= p (always
-    at least one token); it is computed on the distribution left after top-k.
+    at least one token); it is computed on the distribution left after top-k. Rows that filter
+    nothing (k = 0 or k >= V, and p = 1) are left untouched, bit for bit; so is the top-p part of
+    a row with p = 1 (a cumulative sum that rounds to 1 before the last token never masks it).
 
     Args:
         logits: [B, V] float, already divided by temperature.
-        top_k: [B] int64, 0 = off.
+        top_k: [B] int64, 0 = off (as are values >= V).
         top_p: [B] float, 1.0 = off.
     """
     V = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V], [B, V]
-    positions = torch.arange(V, device=logits.device).unsqueeze(0)  # [1, V]
-    k = torch.where(top_k > 0, top_k, V).to(logits.device).unsqueeze(1)  # [B, 1]
-    sorted_logits = sorted_logits.masked_fill(positions >= k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)  # [B, V]
-    mass_before = probs.cumsum(dim=-1) - probs  # [B, V] mass of strictly better tokens
-    p = top_p.to(device=logits.device, dtype=probs.dtype).unsqueeze(1)  # [B, 1]
-    drop_sorted = (mass_before >= p) & (positions > 0)
-    drop_sorted |= positions >= k
-    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)  # [B, V]
-    return logits.masked_fill_(drop, float("-inf"))
+    device = logits.device
+    top_k = top_k.to(device)
+    top_p = top_p.to(device=device, dtype=torch.float32)
+    use_k = (top_k > 0) & (top_k < V)  # [B]
+    use_p = top_p < 1.0  # [B]
+    rows = (use_k | use_p).nonzero().flatten()  # [R] rows that filter
+    if rows.numel() == 0:
+        return logits
+    sub = logits[rows]  # [R, V]
+    sorted_logits, order = sub.sort(dim=-1, descending=True)  # [R, V], [R, V]
+    positions = torch.arange(V, device=device).unsqueeze(0)  # [1, V]
+    k = torch.where(use_k[rows], top_k[rows], V).unsqueeze(1)  # [R, 1]
+    outside_k = positions >= k  # [R, V]
+    probs = sorted_logits.masked_fill(outside_k, float("-inf")).softmax(dim=-1)  # [R, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, V] mass of strictly better tokens
+    p = top_p[rows].to(probs.dtype).unsqueeze(1)  # [R, 1]
+    drop_sorted = (mass_before >= p) & (positions > 0) & use_p[rows].unsqueeze(1)
+    drop_sorted |= outside_k
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)  # [R, V]
+    logits[rows] = sub.masked_fill_(drop, float("-inf"))
+    return logits
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -140,33 +159,53 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(probs < threshold, float("-inf"))
 
 
+def _mix_seed(seed: int, index: int) -> int:
+    """A 64-bit generator seed from (request seed, output index): splitmix64 of a combination, so
+    neighbouring seeds and indices give unrelated streams."""
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xD1B54A32D192ED03) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def keyed_noise(seed: int, index: int, V: int, device: torch.device) -> torch.Tensor:
+    """[V] float32 Exponential(1) noise for the ``index``-th output token of a request with
+    ``seed``: a pure function of (seed, index, V)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(_mix_seed(seed, index))
+    return torch.empty(V, dtype=torch.float32, device=device).exponential_(generator=g)
+
+
 def exponential_race(
     probs: torch.Tensor,
-    generators: list[torch.Generator | None],
+    seeds: list[int | None],
+    indices: list[int],
     default_generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Sample one id per row as ``argmax(probs / q)``, q ~ Exponential(1) i.i.d.
+    """Sample one id per row as ``argmax(probs / E)``, E ~ Exponential(1) i.i.d.
 
-    Rows with a generator draw their noise from it alone (one [V] draw per call); the other
-    rows share one draw from ``default_generator``.
+    A row with a seed takes E = ``keyed_noise(seed, index)``; the other rows share one draw from
+    ``default_generator``.
 
     Args:
         probs: [B, V] float, rows summing to 1.
-        generators: B entries, a generator or None.
+        seeds: B entries, a seed or None.
+        indices: B output indices (which output token of its request each row samples).
 
     Returns:
         [B] int64 sampled ids.
     """
-    V = probs.shape[1]
-    q = torch.empty_like(probs)  # [B, V]
-    unseeded = [i for i, g in enumerate(generators) if g is None]
+    B, V = probs.shape
+    q = torch.empty(B, V, dtype=torch.float32, device=probs.device)  # [B, V]
+    unseeded = [i for i, s in enumerate(seeds) if s is None]
     if unseeded:
-        noise = torch.empty(len(unseeded), V, dtype=probs.dtype, device=probs.device)
+        noise = torch.empty(len(unseeded), V, dtype=torch.float32, device=probs.device)
         noise.exponential_(generator=default_generator)
         q[unseeded] = noise
-    for i, g in enumerate(generators):
-        if g is not None:
-            q[i].exponential_(generator=g)
+    for i, s in enumerate(seeds):
+        if s is not None:
+            q[i] = keyed_noise(s, indices[i], V, probs.device)
     return (probs / q).argmax(dim=-1)
 
 
@@ -176,72 +215,25 @@ class Sampler:
     def __init__(self, default_generator: torch.Generator | None):
         self.default_generator = default_generator
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, return_probs: bool = False) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """Sample.
 
         Args:
             logits: [B, V] float32 next-token logits (not modified).
             meta: per-row parameters and histories.
-            return_probs: also return each row's distribution (greedy rows: one-hot).
 
         Returns:
             SamplerOutput with [B] int64 ids and per-row logprobs.
         """
-        token_ids, random_rows, rprobs, raw_logprobs = self._distributions(logits, meta)
-        probs = None
-        if return_probs:  # greedy rows: one-hot at their token
-            probs = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-            probs.scatter_(1, token_ids[:, None], 1.0)
-        if random_rows:
-            token_ids[random_rows] = exponential_race(
-                rprobs, [meta.generators[i] for i in random_rows], self.default_generator)
-            if probs is not None:
-                probs[random_rows] = rprobs
-        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, meta), probs)
-
-    def verify(self, logits: torch.Tensor, meta: SamplingMetadata, drafts: torch.Tensor,
-               draft_probs: list[torch.Tensor | None]) -> SamplerOutput:
-        """The token of each row given a draft for it: speculative sampling (Leviathan et al.
-        2023, arXiv 2211.17192, section 2.3; Chen et al. 2023, arXiv 2302.01318, algorithm 2).
-        With p the row's distribution and q the draft's, the draft x is kept with probability
-        min(1, p(x) / q(x)), else a token is drawn from max(0, p - q), normalized: the result is
-        distributed as p. Greedy rows, and rows without ``draft_probs``, take their own sample
-        (``__call__``): a draft is then kept exactly when it equals it.
-
-        Args:
-            logits: [B, V] float32 logits of the verifying (full-depth) rows.
-            meta: their parameters and histories.
-            drafts: [B] int64 draft tokens.
-            draft_probs: per row, the [V] distribution the draft was sampled from, or None.
-
-        Returns:
-            SamplerOutput with the [B] tokens (equal to the draft where kept) and their logprobs.
-        """
-        token_ids, random_rows, probs, raw_logprobs = self._distributions(logits, meta)
-        for k, i in enumerate(random_rows):
-            gen = meta.generators[i]
-            q = draft_probs[i]
-            if q is None:
-                token_ids[i] = exponential_race(probs[k : k + 1], [gen], self.default_generator)[0]
-            else:
-                token_ids[i] = speculative_accept(probs[k], q.to(probs), int(drafts[i]),
-                                                  gen if gen is not None else self.default_generator)
-        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, meta))
-
-    def _distributions(self, logits: torch.Tensor, meta: SamplingMetadata
-                       ) -> tuple[torch.Tensor, list[int], torch.Tensor | None, torch.Tensor | None]:
-        """What both sampling and verification start from.
-
-        Returns:
-            ([B] int64 argmax of the penalized logits (the greedy rows' tokens), the R non-greedy
-            rows, [R, V] their distributions or None when R = 0, [B, V] raw log-softmax when some
-            row wants logprobs).
-        """
         logits, raw_logprobs = self._penalized(logits, meta)
-        token_ids = logits.argmax(dim=-1)  # [B]
+        token_ids = logits.argmax(dim=-1)  # [B]; greedy rows keep it
         random_rows = [i for i, p in enumerate(meta.params) if p.temperature >= _GREEDY_EPS]
-        probs = self._random_probs(logits[random_rows], random_rows, meta) if random_rows else None
-        return token_ids, random_rows, probs, raw_logprobs
+        if random_rows:
+            probs = self._random_probs(logits[random_rows], random_rows, meta)  # [R, V]
+            token_ids[random_rows] = exponential_race(
+                probs, [meta.seeds[i] for i in random_rows],
+                [len(meta.output_token_ids[i]) for i in random_rows], self.default_generator)
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, meta))
 
     def _logprobs(self, raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor,
                   meta: SamplingMetadata) -> list[TokenLogprobs | None]:
@@ -285,9 +277,7 @@ class Sampler:
         for i, p in enumerate(meta.params):
             if len(meta.output_token_ids[i]) >= p.min_tokens:
                 continue
-            blocked = set(p.stop_token_ids)
-            if meta.eos_token_ids[i] is not None:
-                blocked.add(meta.eos_token_ids[i])
+            blocked = set(p.stop_token_ids) | set(meta.eos_token_ids[i])
             for t in blocked:
                 if 0 <= t < V:
                     rows.append(i)
@@ -325,10 +315,12 @@ class Sampler:
         params = [meta.params[i] for i in rows]
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         logits = logits / temps.unsqueeze(1)  # [R, V]
-        if any(p.top_k > 0 for p in params) or any(p.top_p < 1.0 for p in params):
+        V = logits.shape[1]
+        top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]  # >= V filters nothing
+        if any(top_k) or any(p.top_p < 1.0 for p in params):
             apply_top_k_top_p(
                 logits,
-                torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+                torch.tensor(top_k, dtype=torch.long, device=device),
                 torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             )
         if any(p.min_p > 0.0 for p in params):
@@ -336,27 +328,6 @@ class Sampler:
                 logits, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
             )
         return logits.softmax(dim=-1)  # [R, V]
-
-
-def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None) -> int:
-    """One step of speculative sampling (``Sampler.verify``).
-
-    Args:
-        p: [V] target distribution; q: [V] the draft's distribution, q[draft] > 0.
-        draft: the drafted id, sampled from q.
-        generator: the row's RNG (one uniform draw, and one [V] draw on rejection).
-
-    Returns:
-        ``draft`` with probability min(1, p[draft] / q[draft]), else an id from max(0, p - q)
-        normalized (from p when that is empty); overall distributed as p.
-    """
-    u = torch.rand((), generator=generator, device=p.device)
-    if float(u) * float(q[draft]) <= float(p[draft]):
-        return draft
-    residual = (p - q).clamp_(min=0.0)
-    total = float(residual.sum())
-    residual = residual / total if total > 0 else p
-    return int(exponential_race(residual[None], [generator], generator)[0])
 
 
 def _gather_logprobs(
