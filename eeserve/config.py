@@ -189,7 +189,7 @@ class SchedulerConfig:
 class EarlyExitConfig:
     """Early exit: where tokens may leave, how confidence is judged, how a batch decides.
 
-    Semantics and terms: shared/DESIGN.md sections 2-4; the seed paper is Miao et al. 2024,
+    Semantics and terms: docs/design.md sections 2-4; the seed paper is Miao et al. 2024,
     arXiv 2407.20272.
 
     Attributes:

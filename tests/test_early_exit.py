@@ -171,7 +171,7 @@ def test_forced_exit_matches_truncated_transformers(hf_model, fill):
     assert_no_leak(llm)
 
 
-# ---- propagate writes the DESIGN.md formula -----------------------------------------------------
+# ---- propagate writes the docs/design.md formula -----------------------------------------------------
 
 
 def test_propagate_kv_equals_formula(hf_model):
@@ -414,6 +414,107 @@ def test_max_exit_batch_default_depends_on_device_and_kv_fill():
     assert any(e < 30 for e in alone.exit_layers)
     for o in llm.generate(PROMPTS, params, use_tqdm=False):
         assert o.outputs[0].exit_layers == [30] * 12
+    assert_no_leak(llm)
+
+
+def test_exit_policy_eligibility_overrides_and_batch_rule():
+    from eeserve.early_exit.policy import ExitPolicy
+    from eeserve.request import Request
+
+    def req(enabled=True, threshold=None, outputs=0, drafts=0, max_tokens=10):
+        params = SamplingParams(early_exit=EarlyExitOverride(enabled=enabled, threshold=threshold))
+        r = Request("r", [1, 2], params, 0.0, max_tokens)
+        r.output_token_ids.extend(range(outputs))
+        r.num_draft_tokens = drafts
+        return r
+
+    cfg = dict(exit_heads="none", exit_layers=(4, 8), threshold=(0.7, 0.6), kv_fill="recompute", max_exit_batch=0)
+    batch = ExitPolicy(resolve_early_exit("smollm2-135m", dict(cfg, exit_policy="batch")), "cpu")
+    token = ExitPolicy(resolve_early_exit("smollm2-135m", dict(cfg, exit_policy="token")), "cpu")
+    assert token.eligible(req(), True) and not token.eligible(req(), False)  # prompt rows never leave
+    assert not token.eligible(req(enabled=False), True)
+    assert (token.threshold(req(), 4), token.threshold(req(), 8), token.threshold(req(threshold=0.2), 8)) == (0.7, 0.6, 0.2)
+    # one request opted out: under batch nobody is scored (nobody could leave); under token the others
+    assert batch.to_score([True, False, True]) == [] and batch.to_score([True, True]) == [0, 1]
+    assert token.to_score([True, False, True]) == [0, 2]
+    assert batch.decide(torch.tensor([True, False, True]), torch.tensor([True, False, True])).tolist() == [False] * 3
+    assert token.decide(torch.tensor([True, False, True]), torch.tensor([True, False, True])).tolist() == [True, False, True]
+    # verify_exits: a draft needs a next step and room under max_draft_tokens (1 by default)
+    verified = ExitPolicy(resolve_early_exit("smollm2-135m", dict(cfg, exit_policy="token", verify_exits=True)), "cpu")
+    assert verified.eligible(req(outputs=3), True)
+    assert not verified.eligible(req(outputs=3, drafts=1), True)
+    assert not verified.eligible(req(outputs=9, max_tokens=10), True)  # its token would be the last
+    assert token.eligible(req(outputs=3, drafts=1), True)  # unverified: no draft rule
+
+
+def test_batch_policy_with_a_request_that_opted_out():
+    # threshold 0: every scored row is confident. Under ``batch`` one request that turned early
+    # exit off keeps the whole batch at full depth, and nobody pays for a check.
+    llm = _ee_llm("batch", "propagate", 0.0)
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    off = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, early_exit=EarlyExitOverride(enabled=False))
+    both = llm.generate(PROMPTS[:2], [p, p], use_tqdm=False)
+    assert [o.outputs[0].exit_layers for o in both] == [[30] + [8] * 5] * 2  # the setting does exit
+    mixed = llm.generate(PROMPTS[:2], [p, off], use_tqdm=False)
+    ref = _ee_llm("none", "propagate", 0.9).generate(PROMPTS[:2], p, use_tqdm=False)
+    for o, r in zip(mixed, ref):
+        assert o.outputs[0].exit_layers == [30] * 6
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        assert o.metrics.flops_ratio == 1.0
+    assert_no_leak(llm)
+
+
+def test_verified_flops_by_hand_and_the_calibrate_cost_model():
+    """Verified exits at layer 16 (shared head, softmax threshold 0: every row that may draft
+    does). Each step's FLOPs are counted by hand, compared with calibration's cost model
+    (``verified_step_costs`` from the same tokens), and the totals keep the rows discarded after
+    a replaced draft out of the full-depth cost."""
+    from eeserve.tuning.cost_model import check_flops, draft_head_flops
+
+    from eeserve.early_exit.drafts import verified_step_costs
+
+    llm = _ee_llm("token", "recompute", 0.0, exits=(16,), verify_exits=True)
+    eng = llm.engine
+    a = eng.args
+    lf, hf = a.layer_flops(), a.head_flops()
+    full = 30 * lf + hf
+    head = eng.runner.exit_executor.heads[16]
+    cm = eng.runner.exit_executor.costs
+    costs = verified_step_costs(a, (16,), (0.0,), check_flops(cm, head, "softmax"),
+                                [draft_head_flops(cm, head, "softmax", verify_exits=True)])
+    steps = []
+    execute = eng.runner.execute
+    eng.runner.execute = lambda out, reqs: steps.append(execute(out, reqs)) or steps[-1]
+    before = (eng.stats.step.decode_flops, eng.stats.step.decode_full_flops)
+    rej0 = eng.scheduler.num_drafts_rejected
+    try:
+        out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+                           use_tqdm=False)[0]
+    finally:
+        del eng.runner.execute
+    rejected = eng.scheduler.num_drafts_rejected - rej0
+    assert rejected > 0, "expected a replaced draft"
+    spent_total, rows = 0.0, 0
+    assert not steps[0].request_flops  # the prefill
+    for r in steps[1:]:
+        (rid, (spent, f)), = r.request_flops.items()
+        assert f == full
+        if r.sampled[rid].draft:  # 16 layers and one check; the check's logits are the draft's
+            assert r.sampled[rid].exit_layer == 16
+            assert spent == 16 * lf + hf == pytest.approx(costs.draft[0] * full, rel=1e-12)
+        elif r.verified:  # may not draft (it holds one): all layers unchecked, its pending row rides 14
+            assert spent == 30 * lf + hf + 14 * lf + hf == pytest.approx((costs.full_unchecked + costs.ride[0]) * full,
+                                                                         rel=1e-12)
+        else:  # the last token may not draft
+            assert spent == full == pytest.approx(costs.full_unchecked * full, rel=1e-12)
+        assert r.stats.decode_flops == spent
+        spent_total += spent
+        rows += 1
+    assert eng.stats.step.decode_flops - before[0] == spent_total
+    # a replaced draft discards the row computed after it: its FLOPs stay spent, no token's cost
+    assert eng.stats.step.decode_full_flops - before[1] == full * (rows - rejected)
+    assert len(out.outputs[0].token_ids) == 14
+    assert out.metrics.flops_ratio == pytest.approx(spent_total / (full * 13), rel=1e-12)
     assert_no_leak(llm)
 
 

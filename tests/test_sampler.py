@@ -82,6 +82,22 @@ def test_top_p_keeps_smallest_set(top_p, expected):
     assert set(ids) == {remap[i] for i in expected}
 
 
+@pytest.mark.parametrize("top_p, expected", [(0.5, {0}), (0.75, {0, 1}), (0.875, {0, 1, 2})])
+def test_top_p_mass_exactly_on_p(top_p, expected):
+    # Dyadic probabilities are exact in float32, so the mass of the best tokens lands exactly on
+    # p: 0.5, 0.5 + 0.25 = 0.75, 0.875. The smallest set whose mass is >= p stops there (vLLM's
+    # and transformers' rule); a strict ">" would keep one token more.
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    logits = probs.log()[[3, 0, 4, 2, 1]]  # shuffled: ids 1, 4, 3, 0, 2 have probs .5, .25, .125, ...
+    remap = {0: 1, 1: 4, 2: 3, 3: 0, 4: 2}  # index in `probs` -> token id
+    kept = {remap[i] for i in expected}
+    ref = TopPLogitsWarper(top_p)(None, logits.unsqueeze(0).clone())[0]
+    assert {i for i, v in enumerate(ref.tolist()) if v > float("-inf")} == kept  # the reference agrees
+    assert set(_sample_ids(logits, SamplingParams(temperature=1.0, top_p=top_p), n=2000)) == kept
+
+
 def test_top_p_applies_after_temperature():
     # temperature 0.5 squares the probabilities: [0.6, 0.3, 0.1] -> [.36, .09, .01] / .46
     # = [0.783, 0.196, 0.022]. With top_p = 0.75: temperature 0.5 keeps {0} (0.783 >= 0.75),

@@ -75,7 +75,7 @@ class SampledToken:
 
 @dataclass
 class StepStats:
-    """Work done by the model in one step (FLOPs per DESIGN.md section 4, no attention).
+    """Work done by the model in one step (FLOPs per docs/design.md section 4, no attention).
 
     Attributes:
         layer_flops: FLOPs of decoder layers run (all rows).

@@ -45,6 +45,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
         self._pending: dict[str, dict[int, PendingKV]] = {}
+        self._scratch: list[list[int]] = []  # block lists lent outside any request
 
     @property
     def num_blocks(self) -> int:
@@ -89,6 +90,31 @@ class KVCacheManager:
         """A copy of the request's block table (physical block ids in position order)."""
         return tuple(self._tables.get(request_id, ()))
 
+    def allocate_scratch(self, num_tokens: int) -> list[int] | None:
+        """Blocks for ``num_tokens`` positions of a pass outside any request (teacher forcing),
+        to give back with ``free_scratch``; None (nothing allocated) when not enough are free."""
+        need = cdiv(num_tokens, self.block_size)
+        if not self.pool.can_allocate(need):
+            return None
+        blocks = self.pool.allocate(need)
+        self._scratch.append(blocks)
+        return list(blocks)
+
+    def free_scratch(self, block_ids: list[int]) -> None:
+        """Return blocks from ``allocate_scratch``.
+
+        Raises:
+            ValueError: ``block_ids`` is not a list that ``allocate_scratch`` lent.
+        """
+        for i, blocks in enumerate(self._scratch):
+            if blocks == list(block_ids):
+                del self._scratch[i]
+                self.pool.free(blocks)
+                if self._on_free is not None:
+                    self._on_free(blocks)
+                return
+        raise ValueError(f"blocks {list(block_ids)} were not lent by allocate_scratch")
+
     def set_pending(self, request_id: str, pending: PendingKV) -> None:
         """Record (or update) a position whose KV is incomplete."""
         self._pending.setdefault(request_id, {})[pending.position] = pending
@@ -130,6 +156,6 @@ class KVCacheManager:
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
-        owned = [b for t in self._tables.values() for b in t]
+        owned = [b for t in [*self._tables.values(), *self._scratch] for b in t]
         assert len(owned) == len(set(owned)), "a block is owned by two requests"
         assert len(owned) == self.pool.num_blocks - self.pool.num_free_blocks, "owned != used"

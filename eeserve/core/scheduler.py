@@ -17,7 +17,18 @@ from collections.abc import Iterable
 from eeserve.config import SchedulerConfig
 from eeserve.core.interfaces import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from eeserve.core.kv_manager import KVCacheManager
+from eeserve.early_exit.drafts import settle_drafts
 from eeserve.request import Request, RequestStatus
+
+
+class UpdatedRequests(list):
+    """``Scheduler.update_from_output``'s result: the requests whose final tokens changed this
+    step, or that finished (a list of ``Request``), and ``num_rows_discarded``, the decode rows
+    computed after a replaced draft (``verify_exits``) whose tokens were dropped this step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_rows_discarded = 0
 
 
 class Scheduler:
@@ -39,7 +50,6 @@ class Scheduler:
         self.num_preemptions = 0  # total since start
         self.num_drafts_accepted = 0  # verify_exits: draft tokens equal to the full-depth token
         self.num_drafts_rejected = 0  # ... and replaced by it
-        self.num_rows_discarded = 0  # decode rows computed after a replaced draft, dropped
         self._finished_in_schedule: list[str] = []  # finished for lack of room, reported once
 
     # ---- requests in and out -------------------------------------------------------------
@@ -198,7 +208,7 @@ class Scheduler:
                 return False
         return True
 
-    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> UpdatedRequests:
         """Advance computed counts, append sampled tokens, settle verified drafts and apply
         token-level stop rules (EOS, stop_token_ids, max_tokens, max_model_len) to the tokens that
         became final. Stop strings are the engine's job (they need text); it calls
@@ -212,18 +222,22 @@ class Scheduler:
         written again; the pending rows were completed in this step).
 
         Returns:
-            the requests whose final tokens changed this step, or that finished.
+            the requests whose final tokens changed this step, or that finished, with the number
+            of decode rows discarded after replaced drafts (``num_rows_discarded``).
         """
         now = time.time()
-        updated = []
+        updated = UpdatedRequests()
         for s in out.scheduled:
             req = self.requests.get(s.request_id)
             if req is None:  # aborted meanwhile
                 continue
             req.num_computed_tokens += s.num_new_tokens
             first_new = req.num_confirmed_tokens  # index of the first output token to settle
-            discarded = self._settle_drafts(req, result.verified.get(s.request_id, ()))
-            self.num_rows_discarded += discarded
+            settled = settle_drafts(req, result.verified.get(s.request_id, ()))
+            self.num_drafts_accepted += settled.accepted
+            self.num_drafts_rejected += settled.rejected
+            discarded = settled.discarded
+            updated.num_rows_discarded += discarded
             kept = discarded == 0
             if s.request_id in result.request_flops:
                 # FLOPs spent count every row; the full-depth cost counts the tokens kept, so that
@@ -251,35 +265,6 @@ class Scheduler:
             if req.num_confirmed_tokens > first_new or req.is_finished:
                 updated.append(req)
         return updated
-
-    def _settle_drafts(self, req: Request, verified: tuple) -> int:
-        """Compare the request's drafts with their full-depth tokens (see update_from_output).
-
-        Returns:
-            the decode rows discarded: 0 when every draft was kept (the step's new token follows
-            them), else the rows computed after the replaced draft, this step's included.
-        """
-        if not verified:
-            return 0
-        if len(verified) != req.num_draft_tokens:
-            raise RuntimeError(f"request {req.request_id!r}: {len(verified)} verified tokens for {req.num_draft_tokens} drafts")
-        first = req.num_output_tokens - req.num_draft_tokens
-        req.num_draft_tokens = 0
-        for i, tok in enumerate(verified):
-            j = first + i
-            if tok.logprobs is not None:
-                req.output_logprobs[j] = tok.logprobs
-            if tok.token_id == req.output_token_ids[j]:
-                self.num_drafts_accepted += 1
-                continue
-            self.num_drafts_rejected += 1
-            discarded = req.num_output_tokens - j  # the rows that computed outputs j + 1 .. m
-            req.output_token_ids[j] = tok.token_id
-            req.exit_layers[j] = tok.exit_layer
-            req.truncate_outputs(j + 1)
-            req.num_computed_tokens = req.num_prompt_tokens + j  # the position whose input changed
-            return discarded
-        return 0
 
     def _stop_status(self, req: Request, token_id: int, num_output: int) -> RequestStatus | None:
         """Stop rule for the ``num_output``-th output token (1-based), ``token_id``."""

@@ -1,21 +1,16 @@
-"""The layer loop with exit checks, batch compaction and KV fill.
+"""Early exit inside one step: the hooks the layer loop (``worker.forward.run_layer_loop``) calls
+at the exit points.
 
-One step runs the packed batch layer segment by layer segment. At each exit point e the decode
-rows still in the batch are scored by the confidence measure; the exit policy decides who
-leaves. Leaving rows take their next token from the exit head at e (full vocabulary, computed
-only for them; under ``verify_exits`` a classifier's candidate logits, see ``_score``), get
-their skipped layers' K/V filled (``propagate``) or marked pending (``recompute``), and are
-removed from the batch, which goes on compacted. Prompt rows always run all L layers
-(DESIGN.md section 3).
-
-With ``recompute``, a sequence's pending positions (exited earlier at layer e_p) join its next
-pass at layer e_p as extra query rows, attending causally, and so write their real K/V for every
-layer that pass runs; what remains above the pass's depth stays pending (EE-LLM, Chen et al.
-2023, arXiv 2312.04916, section 4.2; DESIGN.md section 3). Attention at layer j reads only
-positions whose K/V at j is real or being written in the same pass.
-
-With ``verify_exits`` the pending rows that reach layer L also go through the final head: their
-full-depth logits verify the tokens their exits produced (``ForwardResult.verify_logits``).
+At each exit point e the decode rows still in the batch that may leave (``ExitPolicy``) are
+scored by the confidence measure's ``Scorer``; the policy decides who leaves. Leaving rows take
+their next token from the exit head at e (full vocabulary, computed only for them; under
+``verify_exits`` a classifier's candidate logits, see ``_draft_logits``), get their skipped
+layers' K/V filled or deferred by the ``KVFill`` (``propagate`` / ``recompute``), and are removed
+from the batch, which goes on compacted. Prompt rows always run all L layers (docs/design.md
+section 3). Pending rows of ``recompute`` join their sequence's pass at the layer they left
+(``KVFill.joining``); with ``verify_exits`` those that reach layer L also go through the final
+head: their full-depth logits verify the tokens their exits produced
+(``ForwardResult.verify_logits``). Every FLOP is counted by the step's ``FlopMeter``.
 """
 
 from __future__ import annotations
@@ -25,24 +20,18 @@ from dataclasses import dataclass, field
 import torch
 
 from eeserve.config import EarlyExitConfig
-from eeserve.core.interfaces import ScheduledRequest, StepStats
-from eeserve.core.kv_manager import KVCacheManager, PendingKV
-from eeserve.early_exit.confidence import (
-    LOGIT_MEASURES,
-    entropy,
-    is_confident,
-    margin_confidence,
-    saturation,
-    softmax_confidence,
-)
-from eeserve.early_exit.kv_fill import PropagateFiller
-from eeserve.early_exit.policy import exit_decision
-from eeserve.model.attention import SeqAttention, build_attention_metadata
+from eeserve.core.kv_manager import KVCacheManager
+from eeserve.early_exit.confidence import Scorer, build_scorer
+from eeserve.early_exit.kv_fill import KVFill, LeavingRows, build_kv_fill
+from eeserve.early_exit.policy import ExitPolicy
+from eeserve.model.attention import AttentionMetadata, SeqAttention, build_attention_metadata
 from eeserve.model.exit_heads import ExitHeads
+from eeserve.model.kv_cache import KVCache
 from eeserve.model.llama import LlamaModel, linear
 from eeserve.request import Request
-from eeserve.worker.kv_cache import KVCache
-from eeserve.worker.model_runner import BatchInputs, ForwardResult
+from eeserve.worker.flops import CostModel, FlopMeter
+from eeserve.worker.forward import run_layer_loop
+from eeserve.worker.inputs import BatchInputs, ForwardResult
 
 
 @dataclass
@@ -52,17 +41,14 @@ class _Group:
     request_id: str
     is_decode: bool
     samples: bool
-    eligible: bool  # may exit early
-    threshold: float | None  # per-request override of the global threshold
+    eligible: bool  # may exit early (ExitPolicy.eligible)
+    request: Request
     positions: list[int]  # [n] positions of the active rows
     slots: list[int]  # [n] their cache slots
     ctx_slots: torch.Tensor  # [ctx] slots of positions 0..ctx-1
-    joins: dict[int, list[PendingKV]] = field(default_factory=dict)  # layer -> pending rows joining there
-    riding: list[int] = field(default_factory=list)  # positions of pending rows now in the batch
     replayed: dict[int, list[int]] = field(default_factory=dict)  # layer -> rows' positions leaving there (propagate)
     prev_hidden: torch.Tensor | None = None  # [H] decode row at the previous exit (saturation)
     top_ids: torch.Tensor | None = None  # [K] pruned vocabulary from the first exit point
-    spent: float = 0.0  # FLOPs
 
     @property
     def n(self) -> int:
@@ -120,88 +106,80 @@ class ExitExecutor:
         self.kv_manager = kv_manager
         L = model.args.num_layers
         self.exit_points = tuple(e for e in config.exit_layers if config.min_exit_layer <= e < L)
-        self.thresholds = {e: config.threshold_at(i) for i, e in enumerate(config.exit_layers)}
-        self.filler = PropagateFiller(model, self.exit_points) if config.kv_fill == "propagate" else None
-        a = model.args
-        self.layer_flops = a.layer_flops()
-        self.full_head_flops = a.head_flops()
+        self.costs = CostModel(model.args)
+        self.policy = ExitPolicy(config, model.device.type)
+        self.scorer: Scorer = build_scorer(config.confidence, config.vocab_prune_k, self.costs)
+        self.kv_fill: KVFill = build_kv_fill(config.kv_fill, model, self.exit_points, kv_cache, kv_manager,
+                                             self.costs)
         # Test/debug aid: when a list, every confidence check appends
         # (request_id, position, exit_layer, score, threshold).
         self.trace: list[tuple[str, int, int, float, float]] | None = None
 
-    # ---- helpers --------------------------------------------------------------------------
-
     def needed(self, inputs: BatchInputs, requests: dict[str, Request]) -> bool:
-        """Whether a step needs this layer loop: it recomputes tokens that exited early
-        (``propagate``, after preemption: ``_replayed_exits``), or it has decode rows and either
-        checks exits (at most ``exit_batch_limit`` decode rows) or carries pending rows
-        (``recompute``). Otherwise the plain full-depth forward does the same work without the
+        """Whether a step needs the early-exit hooks: it recomputes tokens that exited early
+        (``propagate``, after preemption: ``KVFill.replayed_exits``), or it has decode rows and
+        either checks exits (at most ``exit_batch_limit`` decode rows) or carries pending rows
+        (``recompute``). Otherwise the plain full-depth hooks do the same work without the
         bookkeeping."""
-        if self.filler is not None and any(self._replayed_exits(s, requests[s.request_id]) for s in inputs.scheduled):
+        L = self.model.args.num_layers
+        if any(self.kv_fill.replayed_exits(s, requests[s.request_id], L) for s in inputs.scheduled):
             return True
         n = len(inputs.decode_request_ids)
         if n == 0:
             return False
-        if self._checks_exits(n):
+        if self.policy.checks_exits(n):
             return True
         return self.config.kv_fill == "recompute" and any(self.kv_manager.pending(r) for r in inputs.decode_request_ids)
 
-    def _checks_exits(self, num_decode: int) -> bool:
-        """Whether a step with ``num_decode`` decode rows checks its exit points (max_exit_batch)."""
-        limit = self.config.exit_batch_limit(self.model.device.type)
-        return not limit or num_decode <= limit
+    def forward(self, inputs: BatchInputs, requests: dict[str, Request]) -> ForwardResult:
+        """Run one step through the layer loop with exit checks.
 
-    def _replayed_exits(self, s: ScheduledRequest, req: Request) -> dict[int, list[int]]:
-        """Under ``propagate``, the positions of a chunk that recomputes generated tokens (after
-        preemption) whose rows left early when first computed: exit layer -> positions. They leave
-        at the same layer again and get the same propagated K/V, so the cache, and the tokens that
-        follow, are what they would have been without the preemption. (``recompute`` needs no
-        replay: once its pending rows are filled the cache is the full-depth one, which a chunk
-        computes at once.)"""
-        if s.is_decode or self.filler is None:
-            return {}
-        out: dict[int, list[int]] = {}
-        L = self.model.args.num_layers
-        P = req.num_prompt_tokens
-        for q in range(max(s.start_position, P), s.start_position + s.num_new_tokens):
-            j = q - P + 1  # the output token that the row at position q produced
-            if j < req.num_output_tokens and req.exit_layers[j] < L and req.exit_layers[j] in self.filler.weights:
-                out.setdefault(req.exit_layers[j], []).append(q)
-        return out
+        Args:
+            inputs: the packed step.
+            requests: id -> request of every scheduled row (overrides, draft counts).
+        """
+        return run_layer_loop(self.model, self.kv_cache, inputs.token_ids, _ExitStep(self, inputs, requests))
+
+
+class _ExitStep:
+    """The layer-loop hooks of one early-exit step (``worker.forward.LayerHooks``)."""
+
+    def __init__(self, ex: ExitExecutor, inputs: BatchInputs, requests: dict[str, Request]) -> None:
+        self.ex = ex
+        self.model = ex.model
+        self.inputs = inputs
+        self.meter = FlopMeter(ex.costs)
+        self.logits = _StepLogits()
+        self.exit_layer_of: dict[str, int] = {}  # request id -> layers run
+        self.groups = self._groups(inputs, requests)
+        self.check = ex.policy.checks_exits(sum(g.is_decode for g in self.groups))
+        self.join_layers = ex.kv_fill.begin([g.request_id for g in self.groups if g.is_decode])
+        self.replay_layers = {e for g in self.groups for e in g.replayed}
+        self.meta: AttentionMetadata = self._meta()
 
     def _groups(self, inputs: BatchInputs, requests: dict[str, Request]) -> list[_Group]:
         groups = []
-        cfg = self.config
+        policy = self.ex.policy
         for s, seq in zip(inputs.scheduled, inputs.seqs):
             req = requests[s.request_id]
-            ov = req.sampling_params.early_exit
-            # A draft needs a next step to be verified in (not the request's last token), and a
-            # sequence holds at most max_draft_tokens of them.
-            room = not cfg.verify_exits or (
-                req.num_output_tokens + 1 < req.max_tokens
-                and (not cfg.max_draft_tokens or req.num_draft_tokens < cfg.max_draft_tokens))
-            g = _Group(
+            positions = list(range(s.start_position, s.start_position + s.num_new_tokens))
+            groups.append(_Group(
                 request_id=s.request_id,
                 is_decode=s.is_decode,
                 samples=s.sample,
-                eligible=s.is_decode and (ov is None or ov.enabled) and room,
-                threshold=ov.threshold if ov is not None else None,
-                positions=list(range(s.start_position, s.start_position + s.num_new_tokens)),
-                slots=[],
+                eligible=policy.eligible(req, s.is_decode),
+                request=req,
+                positions=positions,
+                slots=seq.kv_slots[positions[0] : positions[-1] + 1].tolist(),
                 ctx_slots=seq.kv_slots,
-            )
-            g.slots = g.ctx_slots[g.positions[0] : g.positions[-1] + 1].tolist()
-            g.replayed = self._replayed_exits(s, req)
-            if s.is_decode and self.config.kv_fill == "recompute":
-                for p in self.kv_manager.pending(s.request_id):
-                    g.joins.setdefault(p.from_layer, []).append(p)
-            groups.append(g)
+                replayed=self.ex.kv_fill.replayed_exits(s, req, self.model.args.num_layers),
+            ))
         return groups
 
-    def _meta(self, groups: list[_Group]):
+    def _meta(self) -> AttentionMetadata:
         device = self.model.device
         seqs, slots, offset = [], [], 0
-        for g in groups:
+        for g in self.groups:
             seqs.append(SeqAttention(
                 rows=torch.arange(offset, offset + g.n, device=device),
                 positions=torch.tensor(g.positions, dtype=torch.long, device=device),
@@ -210,162 +188,115 @@ class ExitExecutor:
             slots.extend(g.slots)
             offset += g.n
         return build_attention_metadata(seqs, offset, torch.tensor(slots, dtype=torch.long, device=device),
-                                        self.kv_cache.pad_slot)
+                                        self.ex.kv_cache.pad_slot)
 
-    @staticmethod
-    def _offsets(groups: list[_Group]) -> list[int]:
+    def _offsets(self) -> list[int]:
         out, o = [], 0
-        for g in groups:
+        for g in self.groups:
             out.append(o)
             o += g.n
         return out
 
-    def _join(self, groups: list[_Group], h: torch.Tensor, layer: int) -> torch.Tensor:
-        """Insert pending rows whose K/V is missing from ``layer`` into their sequences."""
-        parts = []
-        for g, off in zip(groups, self._offsets(groups)):
-            rows = [(p, h[off + i : off + i + 1], s) for i, (p, s) in enumerate(zip(g.positions, g.slots))]
-            for pk in g.joins.pop(layer, []):
-                rows.append((pk.position, pk.hidden.view(1, -1).to(h.dtype), int(g.ctx_slots[pk.position])))
-                g.riding.append(pk.position)
-            rows.sort(key=lambda r: r[0])
-            g.positions = [r[0] for r in rows]
-            g.slots = [r[2] for r in rows]
-            parts.extend(r[1] for r in rows)
-        return torch.cat(parts) if parts else h
+    # ---- LayerHooks --------------------------------------------------------------------------
 
-    def _score(self, e: int, groups: list[_Group], hc: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor | None, float, torch.Tensor | None]:
-        """Confidence of the candidate decode rows at exit ``e``.
+    def stops(self) -> list[int]:
+        L = self.model.args.num_layers
+        return sorted(e for e in set(self.ex.exit_points) | self.join_layers | self.replay_layers if e < L)
 
-        Returns:
-            ([N] scores, [N, V] full logits if the measure computed them else None, FLOPs per row,
-            [N, K] the classifier's candidate logits or None). Under ``verify_exits`` the
-            candidate logits serve as a leaving row's draft logits (``_exit_point``): a draft only
-            has to be a good guess, the full model settles the token.
-        """
-        measure = self.config.confidence
-        head = self.heads[e]
-        H = self.model.args.hidden_size
-        if measure in LOGIT_MEASURES:
-            k = self.config.vocab_prune_k
-            full = None
-            if k > 0 and all(g.top_ids is not None for g in groups):
-                ids = torch.stack([g.top_ids for g in groups])  # [N, K]
-                logits = head.logits(self.model, hc, ids)
-                cost = 2.0 * H * k + head.transform_flops(H)
-            else:
-                logits = full = head.logits(self.model, hc)
-                cost = self.full_head_flops + head.transform_flops(H)
-                if k > 0:
-                    top = full.topk(k, dim=-1).indices
-                    for g, t in zip(groups, top):
-                        g.top_ids = t
-            fn = {"softmax": softmax_confidence, "margin": margin_confidence, "entropy": entropy}[measure]
-            return fn(logits), full, cost, None
-        if measure == "saturation":
-            prev = torch.stack([g.prev_hidden for g in groups])
-            return saturation(hc, prev), None, 6.0 * H, None
-        prob, cand = head.classifier_check(hc, self.model)  # classifier
-        return prob, None, head.classifier_flops(H), cand
+    def start(self, h: torch.Tensor) -> None:
+        self.ex.scorer.start(self.groups, h, [o + g.n - 1 for g, o in zip(self.groups, self._offsets())])
 
-    # ---- the step -------------------------------------------------------------------------
+    def ran(self, h: torch.Tensor, start: int, end: int) -> None:
+        self.meter.layers([(g.request_id, g.n) for g in self.groups], end - start)
 
-    def forward(self, inputs: BatchInputs, requests: dict[str, Request]) -> ForwardResult:
-        model, cfg = self.model, self.config
+    def at(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        changed = False
+        if layer in self.join_layers:
+            h, changed = self._join(h, layer)
+        if any(layer in g.replayed for g in self.groups):
+            h = self._replay(layer, h)
+            changed = True
+        if self.check and layer in self.ex.exit_points:
+            keep = self._exit_point(layer, h)
+            if keep is not None:
+                offsets = self._offsets()
+                rows = [i for g, off, k in zip(self.groups, offsets, keep) if k for i in range(off, off + g.n)]
+                h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]
+                self.groups = [g for g, k in zip(self.groups, keep) if k]
+                changed = True
+        if changed:
+            if not self.groups:
+                return None
+            self.meta = self._meta()
+        return h
+
+    def finish(self, h: torch.Tensor | None) -> ForwardResult:
+        """Rows that ran all layers: the final head for those that sample, and (verify_exits) for
+        the pending rows, whose full-depth logits verify the drafts their exits produced."""
+        model, ex = self.model, self.ex
         L = model.args.num_layers
-        stats = StepStats()
-        groups = self._groups(inputs, requests)
-        h = model.embed(inputs.token_ids)  # [T, H]
-        if cfg.confidence == "saturation":
-            for g, off in zip(groups, self._offsets(groups)):
-                g.prev_hidden = h[off + g.n - 1]
-        step_logits = _StepLogits()
-        exit_layer_of: dict[str, int] = {}  # request id -> layers run
-        request_flops: dict[str, tuple[float, float]] = {}  # request id -> (spent, full depth)
-        boundaries = sorted(set(self.exit_points) | {j for g in groups for j in (*g.joins, *g.replayed)} | {L})
-        meta = self._meta(groups)
-        check = self._checks_exits(sum(g.is_decode for g in groups))
-        cur = 0
-        for b in boundaries:
-            if b > cur:
-                h = model.run_layers(h, cur, b, meta, self.kv_cache)
-                for g in groups:
-                    g.spent += g.n * (b - cur) * self.layer_flops
-                stats.layer_flops += h.shape[0] * (b - cur) * self.layer_flops
-                cur = b
-            changed = False
-            if any(b in g.joins for g in groups):
-                h = self._join(groups, h, b)
-                changed = True
-            if any(b in g.replayed for g in groups):
-                h, groups = self._replay(b, groups, h, stats)
-                changed = True
-            if b == L:
-                break
-            if check and b in self.exit_points:
-                keep = self._exit_point(b, groups, h, step_logits, exit_layer_of, stats, request_flops)
-                if keep is not None:
-                    offsets = self._offsets(groups)
-                    rows = [i for g, off, k in zip(groups, offsets, keep) if k for i in range(off, off + g.n)]
-                    h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]
-                    groups = [g for g, k in zip(groups, keep) if k]
-                    changed = True
-            if changed:
-                if not groups:
-                    break
-                meta = self._meta(groups)
-
-        # Rows that ran all layers: the final head for those that sample, and (verify_exits) for
-        # the pending rows, whose full-depth logits verify the drafts their exits produced.
         verify_keys: dict[str, list[_Key]] = {}
-        if groups:
-            offsets = self._offsets(groups)
-            final = [(("sample", g.request_id), g, off + g.n - 1) for g, off in zip(groups, offsets) if g.samples]
-            if cfg.verify_exits:
-                for g, off in zip(groups, offsets):
-                    keys = [("verify", g.request_id, p) for p in sorted(g.riding)]
+        if h is not None and self.groups:
+            offsets = self._offsets()
+            final = [(("sample", g.request_id), g, off + g.n - 1) for g, off in zip(self.groups, offsets) if g.samples]
+            if ex.config.verify_exits:
+                for g, off in zip(self.groups, offsets):
+                    keys = [("verify", g.request_id, p) for p in sorted(ex.kv_fill.riding(g.request_id))]
                     final.extend((k, g, off + g.positions.index(k[2])) for k in keys)
                     if keys:
                         verify_keys[g.request_id] = keys
             if final:
                 x = model.final_norm(h[torch.tensor([r for _, _, r in final], device=h.device)])  # [S', H]
-                stats.head_flops += len(final) * self.full_head_flops
+                self.meter.head([g.request_id for _, g, _ in final], ex.costs.head)
                 for (key, g, _), row in zip(final, x):
-                    step_logits.add_normed(key, row, model.lm_head_w)
-                    g.spent += self.full_head_flops
+                    self.logits.add_normed(key, row, model.lm_head_w)
                     if key[0] == "sample":
-                        exit_layer_of[g.request_id] = L
-            for g in groups:
-                for p in g.riding:
-                    self.kv_manager.clear_pending(g.request_id, p)
+                        self.exit_layer_of[g.request_id] = L
+            ex.kv_fill.finish([g.request_id for g in self.groups])
+            for g in self.groups:
                 if g.is_decode:
-                    stats.exits[L] = stats.exits.get(L, 0) + 1
-                    self._account(g, stats, request_flops)
-
-        order = inputs.sample_request_ids
-        rows = step_logits.compute()
+                    self.meter.close(g.request_id, L)
+        order = self.inputs.sample_request_ids
+        rows = self.logits.compute()
         logits = torch.stack([rows[("sample", r)] for r in order]) if order else torch.empty(0, model.args.vocab_size)
-        exit_layers = [exit_layer_of[r] for r in order]
+        exit_layers = [self.exit_layer_of[r] for r in order]
         verify_logits = {rid: torch.stack([rows[k] for k in keys]) for rid, keys in verify_keys.items()}
-        return ForwardResult(logits, exit_layers, stats, request_flops, verify_logits)
+        return ForwardResult(logits, exit_layers, self.meter.stats, self.meter.request_flops, verify_logits)
 
-    def _replay(self, e: int, groups: list[_Group], h: torch.Tensor, stats: StepStats
-                ) -> tuple[torch.Tensor, list[_Group]]:
+    # ---- between segments --------------------------------------------------------------------
+
+    def _join(self, h: torch.Tensor, layer: int) -> tuple[torch.Tensor, bool]:
+        """Insert the pending rows that join at ``layer`` into their sequences."""
+        parts, joined = [], False
+        for g, off in zip(self.groups, self._offsets()):
+            rows = [(p, h[off + i : off + i + 1], s) for i, (p, s) in enumerate(zip(g.positions, g.slots))]
+            for pk in self.ex.kv_fill.joining(g.request_id, layer):
+                rows.append((pk.position, pk.hidden.view(1, -1).to(h.dtype), int(g.ctx_slots[pk.position])))
+                joined = True
+            rows.sort(key=lambda r: r[0])
+            g.positions = [r[0] for r in rows]
+            g.slots = [r[2] for r in rows]
+            parts.extend(r[1] for r in rows)
+        return (torch.cat(parts) if parts else h), joined
+
+    def _replay(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """Rows recomputed after preemption that left at exit ``e`` the first time leave again:
-        their skipped layers get the propagated K/V from their hidden state here (``propagate``),
-        and the batch goes on without them.
+        the ``KVFill`` gives their skipped layers the same K/V as then (``propagate``), and the
+        batch goes on without them. Returns [T', H] the rows that stay (``groups`` updated).
 
-        Returns:
-            ([T', H] the rows that stay, the groups that still have rows).
+        Raises:
+            RuntimeError: the row that samples would leave (a bug: it is never a replayed row).
         """
         keep: list[int] = []
-        leave: list[tuple[int, int, int]] = []  # (row, position, slot)
+        leaving: list[LeavingRows] = []
         left: list[_Group] = []
-        for g, off in zip(groups, self._offsets(groups)):
+        for g, off in zip(self.groups, self._offsets()):
             gone = set(g.replayed.pop(e, ()))
             rows = list(zip(range(off, off + g.n), g.positions, g.slots))
-            leave.extend(r for r in rows if r[1] in gone)
+            out = [r for r in rows if r[1] in gone]
+            if out:
+                idx = torch.tensor([r[0] for r in out], dtype=torch.long, device=h.device)
+                leaving.append(LeavingRows(g.request_id, [r[1] for r in out], [r[2] for r in out], h[idx]))
             rows = [r for r in rows if r[1] not in gone]
             keep.extend(r[0] for r in rows)
             g.positions, g.slots = [r[1] for r in rows], [r[2] for r in rows]
@@ -373,91 +304,73 @@ class ExitExecutor:
                 left.append(g)
             elif g.samples:
                 raise RuntimeError(f"request {g.request_id!r}: the row that samples cannot replay an exit")
-        device = h.device
-        self.filler.fill(e, h[torch.tensor([r[0] for r in leave], device=device)],
-                         torch.tensor([r[1] for r in leave], device=device),
-                         torch.tensor([r[2] for r in leave], device=device), self.kv_cache)
-        stats.kv_fill_flops += self.filler.flops(e) * len(leave)
-        return h[torch.tensor(keep, dtype=torch.long, device=device)], left
+        self.ex.kv_fill.replay(e, leaving, self.meter)
+        self.groups = left
+        return h[torch.tensor(keep, dtype=torch.long, device=h.device)]
 
-    def _account(self, g: _Group, stats: StepStats, request_flops: dict[str, tuple[float, float]]) -> None:
-        """Close the FLOP books of a decode row that left (at an exit point or at L)."""
-        full = self.model.args.full_depth_flops()
-        stats.decode_full_flops += full
-        stats.decode_flops += g.spent
-        request_flops[g.request_id] = (g.spent, full)
-
-    def _exit_point(self, e: int, groups: list[_Group], h: torch.Tensor, step_logits: _StepLogits,
-                    exit_layer_of: dict[str, int], stats: StepStats,
-                    request_flops: dict[str, tuple[float, float]]) -> list[bool] | None:
+    def _exit_point(self, e: int, h: torch.Tensor) -> list[bool] | None:
         """Score the decode rows at exit ``e`` and let the policy decide.
 
         Returns:
             per group, True to keep it in the batch; None when nobody leaves.
         """
-        offsets = self._offsets(groups)
+        ex, groups = self.ex, self.groups
+        offsets = self._offsets()
         decode = [i for i, g in enumerate(groups) if g.is_decode]
-        cand = [i for i in decode if groups[i].eligible]  # only rows that may leave are scored
-        if not cand or (self.config.exit_policy == "batch" and len(cand) < len(decode)):
-            return None  # under ``batch`` one row that may not leave keeps the whole batch
-        rows = torch.tensor([offsets[i] + groups[i].n - 1 for i in cand], device=h.device)
+        picked = ex.policy.to_score([groups[i].eligible for i in decode])  # indices into decode
+        scored = [decode[j] for j in picked]
+        if not scored:
+            return None
+        rows = torch.tensor([offsets[i] + groups[i].n - 1 for i in scored], device=h.device)
         hc = h[rows]  # [N, H] decode rows
-        cgroups = [groups[i] for i in cand]
-        scores, full, cost, cand_logits = self._score(e, cgroups, hc)
-        stats.head_flops += cost * len(cand)
-        for g in cgroups:
-            g.spent += cost
-        thr = torch.tensor([g.threshold if g.threshold is not None else self.thresholds[e] for g in cgroups],
-                           dtype=torch.float32, device=h.device)
-        eligible = torch.ones(len(cgroups), dtype=torch.bool, device=h.device)
-        leave = exit_decision(self.config.exit_policy, is_confident(self.config.confidence, scores, thr), eligible)
-        if self.trace is not None:
-            for g, sc, t in zip(cgroups, scores.tolist(), thr.tolist()):
-                self.trace.append((g.request_id, g.positions[-1], e, sc, t))
-        if self.config.confidence == "saturation":
-            for g, row in zip(cgroups, hc):
-                g.prev_hidden = row
+        sgroups = [groups[i] for i in scored]
+        head = ex.heads[e]
+        scores = ex.scorer.score(head, self.model, sgroups, hc)
+        self.meter.head([g.request_id for g in sgroups], scores.cost)
+        thr = torch.tensor([ex.policy.threshold(g.request, e) for g in sgroups], dtype=torch.float32, device=h.device)
+        if ex.trace is not None:
+            for g, sc, t in zip(sgroups, scores.score.tolist(), thr.tolist()):
+                ex.trace.append((g.request_id, g.positions[-1], e, sc, t))
+        confident = torch.zeros(len(decode), dtype=torch.bool, device=h.device)
+        where = torch.tensor(picked, dtype=torch.long, device=h.device)
+        confident[where] = ex.scorer.confident(scores.score, thr)
+        eligible = torch.tensor([groups[i].eligible for i in decode], dtype=torch.bool, device=h.device)
+        leave = ex.policy.decide(confident, eligible)[where]  # [N] over the scored rows
         if not bool(leave.any()):
             return None
         idx = leave.nonzero().flatten()
-        exiting = [cgroups[i] for i in idx.tolist()]
-        h_exit = hc[idx]  # [M, H]
-        head = self.heads[e]
-        ready = full[idx] if full is not None else None  # [M, V]
-        if ready is None and cand_logits is not None and self.config.verify_exits:
-            # drafts from the candidate logits, the other ids at -inf
-            ready = torch.full((len(exiting), self.model.args.vocab_size), float("-inf"), device=h.device)
-            ready[:, head.candidate_ids] = cand_logits[idx]
+        exiting = [sgroups[i] for i in idx.tolist()]
+        ready = self._draft_logits(scores, idx, head)  # [M, V] or None
         if ready is not None:
             for g, row in zip(exiting, ready):
-                step_logits.add_ready(("sample", g.request_id), row)
+                self.logits.add_ready(("sample", g.request_id), row)
         else:
-            head_cost = self.full_head_flops + head.transform_flops(self.model.args.hidden_size)
-            stats.head_flops += head_cost * len(exiting)
+            self.meter.head([g.request_id for g in exiting], ex.costs.exit_head(head))
             weight = head.head_weight(self.model)
-            for g, x in zip(exiting, head.normed(self.model, h_exit)):
-                step_logits.add_normed(("sample", g.request_id), x, weight)
-                g.spent += head_cost
-        positions = torch.tensor([g.positions[-1] for g in exiting], device=h.device)
-        slots = torch.tensor([g.slots[-1] for g in exiting], device=h.device)
-        if self.filler is not None:
-            self.filler.fill(e, h_exit, positions, slots, self.kv_cache)
-            fill = self.filler.flops(e)
-            stats.kv_fill_flops += fill * len(exiting)
-            for g in exiting:
-                g.spent += fill
-        else:
-            # recompute: the decode row and the pending rows riding with it stay pending from e.
-            for g in exiting:
-                off = offsets[groups.index(g)]
-                for i, p in enumerate(g.positions):
-                    self.kv_manager.set_pending(g.request_id, PendingKV(p, e, h[off + i].clone()))
+            for g, x in zip(exiting, head.normed(self.model, hc[idx])):
+                self.logits.add_normed(("sample", g.request_id), x, weight)
+        first_row = {id(g): off for g, off in zip(groups, offsets)}
+        leaving = [LeavingRows(g.request_id, g.positions, g.slots, h[first_row[id(g)] : first_row[id(g)] + g.n])
+                   for g in exiting]
+        ex.kv_fill.on_exit(e, leaving, self.meter)
         for g in exiting:
-            exit_layer_of[g.request_id] = e
-            stats.exits[e] = stats.exits.get(e, 0) + 1
-            self._account(g, stats, request_flops)
+            self.exit_layer_of[g.request_id] = e
+            self.meter.close(g.request_id, e)
         gone = {id(g) for g in exiting}
         return [id(g) not in gone for g in groups]
+
+    def _draft_logits(self, scores, idx: torch.Tensor, head) -> torch.Tensor | None:
+        """[M, V] logits of the leaving rows when the check already computed them: the full
+        logits of an unpruned logit measure, or under ``verify_exits`` a classifier's candidate
+        logits (the other ids at -inf: a draft only has to be a good guess, the full model settles
+        the token). None: the exit head has to run."""
+        if scores.logits is not None:
+            return scores.logits[idx]
+        if scores.candidate_logits is not None and self.ex.config.verify_exits:
+            ready = torch.full((len(idx), self.model.args.vocab_size), float("-inf"), device=idx.device)
+            ready[:, head.candidate_ids] = scores.candidate_logits[idx]
+            return ready
+        return None
 
 
 def build_exit_executor(config: EarlyExitConfig, model: LlamaModel, kv_cache: KVCache, kv_manager: KVCacheManager,

@@ -1,6 +1,6 @@
 """The synchronous engine: add requests, step, get outputs.
 
-Request flow (DESIGN.md section 5): ``add_request`` (tokenize, validate) -> ``Scheduler.schedule``
+Request flow (docs/design.md section 5): ``add_request`` (tokenize, validate) -> ``Scheduler.schedule``
 -> ``ModelRunner.execute`` -> ``Scheduler.update_from_output`` -> detokenizer and stop strings ->
 ``RequestOutput``.
 """
@@ -22,12 +22,14 @@ from eeserve.engine.detokenizer import IncrementalDetokenizer
 from eeserve.errors import InvalidRequestError
 from eeserve.inputs import PromptType, parse_prompt
 from eeserve.model import kernels, loader
+from eeserve.model.attention import SeqAttention, build_attention_metadata
+from eeserve.model.kv_cache import KVCache, kv_bytes_per_block
 from eeserve.model.llama import LlamaModel, ModelArgs
 from eeserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from eeserve.request import Request, RequestStatus
 from eeserve.sampling_params import SamplingParams
-from eeserve.worker.kv_cache import KVCache, kv_bytes_per_block
-from eeserve.worker.model_runner import ModelRunner, logits_for_prompt
+from eeserve.worker.forward import teacher_forced
+from eeserve.worker.model_runner import ModelRunner
 from eeserve.worker.sampler import Sampler
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_kv_blocks nor kv_cache_memory is set
@@ -325,12 +327,10 @@ class LLMEngine:
             failed: dict[str, BaseException] = {}
             for part, result in self._execute(sched, live, failed):
                 self._accumulate(result.stats)
-                discarded = self.scheduler.num_rows_discarded
                 updated = self.scheduler.update_from_output(part, result)
                 # decode rows dropped after a replaced draft (verify_exits) made no token: their
                 # FLOPs stay spent, their full-depth cost is not a token's
-                discarded = self.scheduler.num_rows_discarded - discarded
-                self.stats.step.decode_full_flops -= discarded * self.args.full_depth_flops()
+                self.stats.step.decode_full_flops -= updated.num_rows_discarded * self.args.full_depth_flops()
                 stopped: list[str] = []
                 for req in updated:
                     pid = self._child_to_parent[req.request_id]
@@ -489,22 +489,28 @@ class LLMEngine:
 
     def full_depth_logits(self, token_ids: list[int]) -> torch.Tensor:
         """[n, V] float32 logits of every position of ``token_ids`` from all L layers and the final
-        head (teacher forcing), computed in scratch blocks that are freed again. Used for token
-        agreement (DESIGN.md section 2) and logprob checks.
+        head (teacher forcing, ``worker.forward.teacher_forced``), computed in scratch blocks that
+        the KV manager lends and takes back. Used for token agreement (docs/design.md section 2)
+        and logprob checks.
 
         Raises:
             RuntimeError: not enough free KV blocks for ``len(token_ids)`` tokens right now.
         """
-        n_blocks = cdiv(len(token_ids), self.kv_cache.block_size)
-        if not self.kv_manager.pool.can_allocate(n_blocks):
-            raise RuntimeError(f"full_depth_logits needs {n_blocks} free KV blocks, {self.num_free_blocks} are free")
-        blocks = self.kv_manager.pool.allocate(n_blocks)
+        n = len(token_ids)
+        blocks = self.kv_manager.allocate_scratch(n)
+        if blocks is None:
+            raise RuntimeError(f"full_depth_logits needs {cdiv(n, self.kv_cache.block_size)} free KV blocks, "
+                               f"{self.num_free_blocks} are free")
         try:
-            return logits_for_prompt(self.model, self.kv_cache, token_ids, blocks)
+            device = self.model.device
+            slots = torch.tensor(self.kv_cache.slots(blocks, 0, n), dtype=torch.long, device=device)
+            rows = torch.arange(n, device=device)
+            meta = build_attention_metadata([SeqAttention(rows, rows, slots)], n, slots, self.kv_cache.pad_slot)
+            ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+            with torch.inference_mode():
+                return self.model.compute_logits(teacher_forced(self.model, self.kv_cache, ids, meta, rows).final)
         finally:
-            self.kv_manager.pool.free(blocks)
-            if self.config.cache.debug_nan_fill:
-                self.kv_cache.poison_blocks(blocks)
+            self.kv_manager.free_scratch(blocks)
 
     @property
     def num_free_blocks(self) -> int:

@@ -1,6 +1,6 @@
 """Exit heads: map the residual-stream hidden state after e layers to next-token logits.
 
-Head types (DESIGN.md section 2):
+Head types (docs/design.md section 2):
 - ``shared``: the model's final RMSNorm + LM head (LayerSkip, Elhoushi et al. 2024, arXiv
   2404.16710; EE-LLM's shared output embedding, Chen et al. 2023, arXiv 2312.04916).
 - ``adapter``: a learned residual map ``h + W·RMSNorm_a(h) + b`` in front of the shared head

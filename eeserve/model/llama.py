@@ -20,7 +20,7 @@ from torch import nn
 
 from eeserve.model.attention import AttentionMetadata, paged_attention
 from eeserve.model.kernels import linear
-from eeserve.worker.kv_cache import KVCache
+from eeserve.model.kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -72,7 +72,7 @@ class ModelArgs:
 
     def layer_flops(self) -> float:
         """FLOPs of one decoder layer for one token, without attention over the context
-        (DESIGN.md section 4)."""
+        (docs/design.md section 4)."""
         h, i = self.hidden_size, self.intermediate_size
         q_dim = self.num_heads * self.head_dim
         return 2.0 * h * (q_dim + 2 * self.kv_dim) + 2.0 * q_dim * h + 3 * 2.0 * h * i

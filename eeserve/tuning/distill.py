@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from eeserve.model.attention import SeqAttention, build_attention_metadata
 from eeserve.model.exit_heads import ExitHeads
+from eeserve.model.kv_cache import KVCache
 from eeserve.model.llama import LlamaModel
 from eeserve.tuning.data import Window
-from eeserve.worker.kv_cache import KVCache
+from eeserve.worker.forward import teacher_forced
 
 BLOCK = 16
 
@@ -106,14 +107,9 @@ def collect_features(model: LlamaModel, windows: Sequence[Window], exit_layers: 
     bar = _bar(len(batches), "backbone", progress)
     for b in batches:
         ids, meta, rows = _pack(model, b, kv)
-        h = model.embed(ids)  # [T, H]
-        cur_layer, at_exit = 0, []
-        for e in list(exit_layers) + [L]:
-            h = model.run_layers(h, cur_layer, e, meta, kv)
-            cur_layer = e
-            if e < L:
-                at_exit.append(h[rows].half())
-        x = model.final_norm(h[rows])  # [N, H]
+        res = teacher_forced(model, kv, ids, meta, rows, tuple(exit_layers))
+        at_exit = [he.half() for he in res.at_stops]  # per exit [N, H]
+        x = model.final_norm(res.final)  # [N, H]
         for i in range(0, x.shape[0], 512):  # full-vocabulary teacher logits in pieces
             top.append(model.lm_head(x[i : i + 512]).topk(top_k, dim=-1).indices)
         hidden.append(torch.stack(at_exit, dim=1))  # [N, X, H]

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from eeserve.model.exit_heads import ExitHeads
+from eeserve.model.kv_cache import KVCache
 from eeserve.model.llama import LlamaModel
 from eeserve.tuning.data import Window
 from eeserve.tuning.distill import BLOCK, _pack
-from eeserve.worker.kv_cache import KVCache
+from eeserve.worker.forward import teacher_forced
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,9 @@ def score_windows(model: LlamaModel, heads: ExitHeads, windows: Sequence[Window]
     for b in batches:
         ids, meta, rows = _pack(model, [w for _, w in b], kv)
         seq = torch.cat([torch.full((w.num_loss_rows,), i, dtype=torch.long) for i, w in b])
-        h = model.embed(ids)
-        at, cur_layer = [], 0
-        for e in list(exits) + [L]:
-            h = model.run_layers(h, cur_layer, e, meta, kv)
-            cur_layer = e
-            if e < L:
-                at.append(h[rows])
-        final = torch.log_softmax(model.compute_logits(h[rows]), -1)  # [N, V]
+        res = teacher_forced(model, kv, ids, meta, rows, tuple(exits))
+        at = res.at_stops  # per exit [N, H]
+        final = torch.log_softmax(model.compute_logits(res.final), -1)  # [N, V]
         top = final.argmax(-1)
         sm, cls, ok, kl = [], [], [], []
         for e, he in zip(exits, at):
@@ -139,7 +135,7 @@ def heldout_windows(llm, num_prompts: int, max_tokens: int, pydoc_tokens: int, s
 def run_eval(args) -> int:
     from eeserve.early_exit.defaults import shipped_heads
     from eeserve.model import loader
-    from eeserve.tuning.cli import load_llm
+    from eeserve.tuning.backbone import load_llm
 
     t0 = time.perf_counter()
     folder = args.exit_heads or shipped_heads(args.model)
@@ -179,5 +175,4 @@ def _full_argmax(model: LlamaModel, window: Window) -> torch.Tensor:
     kv = KVCache(model.args.num_layers, -(-n // BLOCK), BLOCK, model.args.num_kv_heads, model.args.head_dim,
                  model.dtype, model.device)
     ids, meta, rows = _pack(model, [window], kv)
-    h = model.run_layers(model.embed(ids), 0, model.args.num_layers, meta, kv)
-    return model.compute_logits(h[rows]).argmax(-1).cpu()
+    return model.compute_logits(teacher_forced(model, kv, ids, meta, rows).final).argmax(-1).cpu()

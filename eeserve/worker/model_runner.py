@@ -3,109 +3,17 @@ exit is on), and samples."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from eeserve.core.interfaces import (
-    ModelRunnerOutput,
-    SampledToken,
-    ScheduledRequest,
-    SchedulerOutput,
-    StepStats,
-)
-from eeserve.model.attention import AttentionMetadata, SeqAttention, build_attention_metadata
+from eeserve.core.interfaces import ModelRunnerOutput, SampledToken, SchedulerOutput
+from eeserve.early_exit.executor import ExitExecutor
+from eeserve.model.kv_cache import KVCache
 from eeserve.model.llama import LlamaModel
 from eeserve.request import Request
-from eeserve.worker.kv_cache import KVCache
+from eeserve.worker.flops import CostModel
+from eeserve.worker.forward import FullDepth, run_layer_loop
+from eeserve.worker.inputs import BatchInputs, ForwardResult, prepare_inputs
 from eeserve.worker.sampler import Sampler, SamplingMetadata
-
-
-@dataclass(frozen=True)
-class BatchInputs:
-    """Packed inputs of one step.
-
-    Attributes:
-        token_ids: [T] int64 tokens of all scheduled chunks, in schedule order.
-        meta: attention layout of the T rows.
-        sample_rows: [S] int64 row of the last token of each chunk that samples.
-        sample_request_ids: the S requests, in the same order.
-        decode_rows: [D] int64 rows that are decode tokens (candidates for early exit).
-        decode_request_ids: the D requests, in the same order.
-        seqs: per scheduled request (schedule order), its rows, positions and context slots.
-        scheduled: the scheduled requests, in the same order.
-    """
-
-    token_ids: torch.Tensor
-    meta: AttentionMetadata
-    sample_rows: torch.Tensor
-    sample_request_ids: tuple[str, ...]
-    decode_rows: torch.Tensor
-    decode_request_ids: tuple[str, ...]
-    seqs: tuple[SeqAttention, ...]
-    scheduled: tuple[ScheduledRequest, ...]
-
-
-def prepare_inputs(out: SchedulerOutput, kv_cache: KVCache, device: torch.device) -> BatchInputs:
-    """Pack the scheduled chunks into one batch of rows with slots and attention layout."""
-    tokens: list[int] = []
-    slots: list[int] = []
-    seqs: list[SeqAttention] = []
-    sample_rows: list[int] = []
-    sample_ids: list[str] = []
-    decode_rows: list[int] = []
-    decode_ids: list[str] = []
-    for s in out.scheduled:
-        row0 = len(tokens)
-        end = s.start_position + s.num_new_tokens
-        tokens.extend(s.token_ids)
-        ctx_slots = kv_cache.slots(list(s.block_ids), 0, end)
-        slots.extend(ctx_slots[s.start_position :])
-        seqs.append(
-            SeqAttention(
-                rows=torch.arange(row0, row0 + s.num_new_tokens, device=device),
-                positions=torch.arange(s.start_position, end, device=device),
-                kv_slots=torch.tensor(ctx_slots, dtype=torch.long, device=device),
-            )
-        )
-        if s.sample:
-            sample_rows.append(len(tokens) - 1)
-            sample_ids.append(s.request_id)
-        if s.is_decode:
-            decode_rows.append(row0)
-            decode_ids.append(s.request_id)
-    slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
-    meta = build_attention_metadata(seqs, len(tokens), slot_mapping, kv_cache.pad_slot)
-    return BatchInputs(
-        token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
-        meta=meta,
-        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
-        sample_request_ids=tuple(sample_ids),
-        decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-        decode_request_ids=tuple(decode_ids),
-        seqs=tuple(seqs),
-        scheduled=out.scheduled,
-    )
-
-
-@dataclass(frozen=True)
-class ForwardResult:
-    """Logits and exit layers for the rows that sample.
-
-    Attributes:
-        logits: [S, V] float32, from the head of the exit each row took.
-        exit_layers: per sample row, layers run (L for rows that ran them all).
-        stats: FLOP accounting.
-        request_flops: request id -> (FLOPs spent, FLOPs at full depth) for decode rows.
-        verify_logits: request id -> [k, V] float32 full-depth logits of its k pending rows, in
-            position order (``verify_exits``): row i predicts the i-th of its k draft tokens.
-    """
-
-    logits: torch.Tensor
-    exit_layers: list[int]
-    stats: StepStats
-    request_flops: dict[str, tuple[float, float]]
-    verify_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -115,36 +23,21 @@ class ModelRunner:
         model: the loaded backbone.
         kv_cache: the cache tensors.
         sampler: token sampler.
-        exit_executor: early-exit layer loop (``eeserve.early_exit.executor``), or None for
-            full-depth execution.
+        exit_executor: the early-exit hooks of the layer loop, or None for full-depth execution.
     """
 
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, exit_executor=None) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler,
+                 exit_executor: ExitExecutor | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.exit_executor = exit_executor
+        self.costs = CostModel(model.args)
 
     def full_forward(self, inputs: BatchInputs) -> ForwardResult:
-        """All layers for every row; the shared head on the sample rows."""
-        model = self.model
-        args = model.args
-        h = model.embed(inputs.token_ids)  # [T, H]
-        h = model.run_layers(h, 0, args.num_layers, inputs.meta, self.kv_cache)
-        logits = model.compute_logits(h[inputs.sample_rows])  # [S, V]
-        num_rows = inputs.meta.num_rows
-        full = args.full_depth_flops()
-        stats = StepStats(
-            layer_flops=num_rows * args.num_layers * args.layer_flops(),
-            head_flops=len(inputs.sample_request_ids) * args.head_flops(),
-            decode_full_flops=len(inputs.decode_request_ids) * full,
-            decode_flops=len(inputs.decode_request_ids) * full,
-        )
-        if inputs.decode_request_ids:
-            stats.exits[args.num_layers] = len(inputs.decode_request_ids)
-        request_flops = {rid: (full, full) for rid in inputs.decode_request_ids}
-        exit_layers = [args.num_layers] * len(inputs.sample_request_ids)
-        return ForwardResult(logits, exit_layers, stats, request_flops)
+        """All layers for every row; the shared head on the sample rows (the layer loop with no
+        exit point)."""
+        return run_layer_loop(self.model, self.kv_cache, inputs.token_ids, FullDepth(self.model, inputs, self.costs))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> ModelRunnerOutput:
@@ -216,19 +109,3 @@ def _sampling_metadata(reqs: list[Request], num_outputs: list[int]) -> SamplingM
         seeds=[r.seed for r in reqs],
         eos_token_ids=[r.eos_token_ids for r in reqs],
     )
-
-
-def logits_for_prompt(
-    model: LlamaModel, kv_cache: KVCache, token_ids: list[int], block_ids: list[int], layers: int | None = None
-) -> torch.Tensor:
-    """Prefill ``token_ids`` into the given blocks and return [n, V] logits of every position from
-    the shared head after ``layers`` layers (default all). A test and tuning helper."""
-    n = len(token_ids)
-    device = model.device
-    slots = torch.tensor(kv_cache.slots(block_ids, 0, n), dtype=torch.long, device=device)
-    seq = SeqAttention(torch.arange(n, device=device), torch.arange(n, device=device), slots)
-    meta = build_attention_metadata([seq], n, slots, kv_cache.pad_slot)
-    with torch.inference_mode():
-        h = model.embed(torch.tensor(token_ids, dtype=torch.long, device=device))
-        h = model.run_layers(h, 0, layers if layers is not None else model.args.num_layers, meta, kv_cache)
-        return model.compute_logits(h)
