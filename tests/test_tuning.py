@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from eeserve.early_exit import drafts
 from eeserve.model.exit_heads import ExitHeads, HeadSpec
 from eeserve.model.llama import LlamaModel, ModelArgs
-from eeserve.tuning import calibrate, data, distill
+from eeserve.tuning import calibrate, cost_model, data, distill, search
 from eeserve.tuning.evaluate import exit_table, expected_calibration_error, score_windows
 
 IDENTITY = {"architecture": "LlamaForCausalLM", "num_layers": 4, "hidden_size": 64, "vocab_size": 128,
@@ -245,17 +246,17 @@ def test_calibration_picks_hand_computed_threshold():
     ok = torch.tensor([[True], [True], [True], [False], [True], [True], [False], [False], [False], [False]])
     # threshold t: tokens with conf >= t exit (agree iff ok), the rest run all layers (agree).
     # t=0.8: 0 wrong -> 1.0; t=0.7: 1 wrong -> 0.9; t=0.5: 1 wrong -> 0.9; t=0.4: 2 wrong -> 0.8
-    thr = calibrate.choose_thresholds(conf, ok, (2,), 4, target=0.9, delta=None, per_exit=False)
+    thr = search.choose_thresholds(conf, ok, (2,), 4, target=0.9, delta=None, per_exit=False)
     assert thr == pytest.approx((0.5,))
-    thr = calibrate.choose_thresholds(conf, ok, (2,), 4, target=0.95, delta=None, per_exit=False)
+    thr = search.choose_thresholds(conf, ok, (2,), 4, target=0.95, delta=None, per_exit=False)
     assert thr == pytest.approx((0.8,))
-    out = calibrate.simulate(conf, ok, (0.5,), (2,), 4)
+    out = search.simulate(conf, ok, (0.5,), (2,), 4)
     assert out.agreement == pytest.approx(0.9) and out.mean_layers == pytest.approx(0.6 * 2 + 0.4 * 4)
     # target 1.0: only the three most confident tokens (all right) may exit
-    assert calibrate.choose_thresholds(conf, ok, (2,), 4, 1.0, None, False) == pytest.approx((0.8,))
+    assert search.choose_thresholds(conf, ok, (2,), 4, 1.0, None, False) == pytest.approx((0.8,))
     # nothing passes: no token exits
     wrong = torch.zeros_like(ok)
-    assert calibrate.choose_thresholds(conf, wrong, (2,), 4, 0.95, None, False) == (calibrate.NEVER,)
+    assert search.choose_thresholds(conf, wrong, (2,), 4, 0.95, None, False) == (drafts.NEVER,)
 
 
 def test_calibration_per_exit_and_bound():
@@ -264,32 +265,32 @@ def test_calibration_per_exit_and_bound():
     conf = torch.rand(n, 2, generator=g)
     # exit 1 (layer 2) is right when very confident; exit 2 (layer 3) when fairly confident
     ok = torch.stack([conf[:, 0] > 0.8, conf[:, 1] > 0.3], 1)
-    thr = calibrate.choose_thresholds(conf, ok, (2, 3), 4, target=0.99, delta=None, per_exit=True)
-    out = calibrate.simulate(conf, ok, thr, (2, 3), 4)
+    thr = search.choose_thresholds(conf, ok, (2, 3), 4, target=0.99, delta=None, per_exit=True)
+    out = search.simulate(conf, ok, thr, (2, 3), 4)
     assert out.agreement >= 0.99 and out.mean_layers < 3.1
     assert thr[0] >= 0.7 and thr[1] >= 0.25
     # the Clopper-Pearson bound makes the choice stricter, never looser
-    thr_b = calibrate.choose_thresholds(conf, ok, (2, 3), 4, target=0.99, delta=0.1, per_exit=True)
-    assert calibrate.simulate(conf, ok, thr_b, (2, 3), 4).agreement >= 0.99
+    thr_b = search.choose_thresholds(conf, ok, (2, 3), 4, target=0.99, delta=0.1, per_exit=True)
+    assert search.simulate(conf, ok, thr_b, (2, 3), 4).agreement >= 0.99
     # closed forms of the bound: P(Bin(n, u) <= 0) = (1-u)^n and P(Bin(n, u) <= n-1) = 1 - u^n equal delta
-    assert calibrate.binomial_upper(0, 2000, 0.1) == pytest.approx(1 - 0.1 ** (1 / 2000), rel=1e-6)
-    assert calibrate.binomial_upper(19, 20, 0.1) == pytest.approx(0.9 ** (1 / 20), rel=1e-6)
-    assert calibrate.binomial_upper(20, 20, 0.1) == 1.0
+    assert search.binomial_upper(0, 2000, 0.1) == pytest.approx(1 - 0.1 ** (1 / 2000), rel=1e-6)
+    assert search.binomial_upper(19, 20, 0.1) == pytest.approx(0.9 ** (1 / 20), rel=1e-6)
+    assert search.binomial_upper(20, 20, 0.1) == 1.0
 
 
 def test_generation_test_picks_hand_computed_setting():
     """Settings along a path are tested in order by (scripted) generation; the last one whose
     Clopper-Pearson bound passes is kept, and testing stops at the first failure."""
-    N = calibrate.NEVER
+    N = drafts.NEVER
     # one exit, 10 tokens: confidence and correctness by hand
     conf = torch.tensor([[0.95], [0.9], [0.85], [0.8], [0.7], [0.6], [0.5], [0.4], [0.3], [0.2]])
     ok = torch.tensor([[True], [True], [True], [False], [True], [True], [False], [False], [True], [False]])
     path = [(N,), (0.95,), (0.9,), (0.85,), (0.8,), (0.7,), (0.6,), (0.5,)]
     # teacher-forced agreement along the path: 1, 1, 1, 1, .9, .9, .9, .8
     # levels .98, .975, ..., .93 (target .95 + .03 down to - .02): all keep (0.85,), the last at 1.0
-    assert calibrate.settings_to_test(path, conf, ok, (2,), 4, 0.95) == [(0.85,)]
+    assert search.settings_to_test(path, conf, ok, (2,), 4, 0.95) == [(0.85,)]
     # levels .95, .90, .85, .80 keep (0.85,), (0.6,), (0.6,) again (dropped), (0.5,)
-    assert calibrate.settings_to_test(path, conf, ok, (2,), 4, 0.95, above=0.0, below=0.15, step=0.05) == [
+    assert search.settings_to_test(path, conf, ok, (2,), 4, 0.95, above=0.0, below=0.15, step=0.05) == [
         (0.85,), (0.6,), (0.5,)]
     # scripted generation: disagreements out of 2000 tokens per setting
     differ = {(0.9,): 10, (0.8,): 60, (0.7,): 85, (0.6,): 200, (0.5,): 90}
@@ -297,30 +298,30 @@ def test_generation_test_picks_hand_computed_setting():
 
     def run(thr):
         runs.append(thr)
-        return calibrate.GenerationCheck(thr, 2000, differ[thr], 20.0, 1.0)
+        return search.GenerationCheck(thr, 2000, differ[thr], 20.0, 1.0)
 
     # at delta 0.1 the bound for 85/2000 is about 0.0483 (<= .05 passes); 200/2000 fails
-    chosen, checks = calibrate.generation_test([(0.9,), (0.8,), (0.7,), (0.6,), (0.5,)], run, 0.95, 0.1)
+    chosen, checks = search.generation_test([(0.9,), (0.8,), (0.7,), (0.6,), (0.5,)], run, 0.95, 0.1)
     assert chosen == (0.7,) and runs == [(0.9,), (0.8,), (0.7,), (0.6,)]  # (0.5,) never run
-    assert calibrate.binomial_upper(85, 2000, 0.1) <= 0.05 < calibrate.binomial_upper(100, 2000, 0.1)
+    assert search.binomial_upper(85, 2000, 0.1) <= 0.05 < search.binomial_upper(100, 2000, 0.1)
     assert [c.agreement for c in checks] == pytest.approx([0.995, 0.97, 0.9575, 0.9])
     # the plain rule keeps 100/2000 exactly at the target, and nothing when the first setting fails
     differ[(0.6,)] = 100
-    assert calibrate.generation_test([(0.7,), (0.6,)], run, 0.95, None)[0] == (0.6,)
-    assert calibrate.generation_test([(0.6,)], run, 0.96, None)[0] is None
+    assert search.generation_test([(0.7,), (0.6,)], run, 0.95, None)[0] == (0.6,)
+    assert search.generation_test([(0.6,)], run, 0.96, None)[0] is None
 
 
 def test_enabled_exits_and_expected_flops(tiny):
-    N = calibrate.NEVER
+    N = drafts.NEVER
     assert calibrate.enabled_exits((N, 0.9, N, 0.75), (4, 8, 12, 16)) == ([8, 16], [0.9, 0.75])
     assert calibrate.enabled_exits((N, N), (4, 8)) == ([8], [N])
     # 4-layer model, exits at 1 and 2; half the tokens leave at 1, a quarter at 2
     a = tiny.args
-    out = calibrate.Outcome(agreement=1.0, mean_layers=0.5 * 1 + 0.25 * 2 + 0.25 * 4, exit_share=(0.5, 0.25, 0.25))
-    flops = calibrate.expected_flops(out, (0.9, 0.8), (1, 2), a, "classifier", classifier_flops=100.0)
+    out = search.Outcome(agreement=1.0, mean_layers=0.5 * 1 + 0.25 * 2 + 0.25 * 4, exit_share=(0.5, 0.25, 0.25))
+    flops = cost_model.expected_flops(out, (0.9, 0.8), (1, 2), a, "classifier", classifier_flops=100.0)
     assert flops == pytest.approx(2.0 * a.layer_flops() + a.head_flops() + 100.0 * (1 + 0.5))
     # a disabled exit is not scored
-    flops = calibrate.expected_flops(out, (N, 0.8), (1, 2), a, "softmax")
+    flops = cost_model.expected_flops(out, (N, 0.8), (1, 2), a, "softmax")
     assert flops == pytest.approx(2.0 * a.layer_flops() + a.head_flops() + a.head_flops() * 0.5)
 
 
@@ -333,24 +334,24 @@ def test_simulate_verified_hand_computed():
     conf = torch.tensor([[0.9], [0.9], [0.9], [0.1], [0.9], [0.9], [0.9]])
     correct = torch.tensor([[True], [True], [False], [True], [True], [True], [True]])
     seq = torch.zeros(7, dtype=torch.long)
-    costs = calibrate.StepCosts(draft=(0.3,), ride=(0.5,), full=1.0)
-    out = calibrate.simulate_verified(conf, correct, seq, (0.5,), (4,), 30, costs)
+    costs = drafts.StepCosts(draft=(0.3,), ride=(0.5,), full=1.0)
+    out = drafts.simulate_verified(conf, correct, seq, (0.5,), (4,), 30, costs)
     assert out.cost == pytest.approx((0.3 + 0.3 + (1 + 0.5) + 1 + 0.3 + 1) / 5)
     assert out.kept == pytest.approx(2 / 5) and out.replaced == pytest.approx(1 / 5)
     assert out.mean_layers == pytest.approx((3 * 30 + 2 * 4) / 5)
     # At most one draft: 1 drafts, 2 runs all layers (keeps 1), 3 runs all layers, 4 drafts, 5
     # runs all layers (keeps 4). Row 2's wrong draft is never made.
-    one = calibrate.simulate_verified(conf, correct, seq, (0.5,), (4,), 30, costs, max_draft_tokens=1)
+    one = drafts.simulate_verified(conf, correct, seq, (0.5,), (4,), 30, costs, max_draft_tokens=1)
     assert one.cost == pytest.approx((0.3 + 1 + 1 + 0.3 + 1) / 5)
     assert (one.kept, one.replaced) == (pytest.approx(2 / 5), 0.0)
-    never = calibrate.simulate_verified(conf, correct, seq, (calibrate.NEVER,), (4,), 30, costs)
+    never = drafts.simulate_verified(conf, correct, seq, (drafts.NEVER,), (4,), 30, costs)
     assert (never.cost, never.kept, never.mean_layers) == (1.0, 0.0, 30.0)
 
 
 def test_verified_step_costs(tiny):
     a = tiny.args
     full = a.num_layers * a.layer_flops() + a.head_flops()
-    c = calibrate.verified_step_costs(a, (1, 2), (0.5, calibrate.NEVER), 10.0, (100.0, 200.0))
+    c = drafts.verified_step_costs(a, (1, 2), (0.5, drafts.NEVER), 10.0, (100.0, 200.0))
     assert c.draft == pytest.approx([(a.layer_flops() + 10 + 100) / full, (2 * a.layer_flops() + 10 + 200) / full])
     assert c.ride == pytest.approx([((a.num_layers - 1) * a.layer_flops() + a.head_flops()) / full,
                                     ((a.num_layers - 2) * a.layer_flops() + a.head_flops()) / full])

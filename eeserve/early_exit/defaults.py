@@ -17,6 +17,23 @@ log = logging.getLogger(__name__)
 
 SHIPPED_HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "exit_heads"
 
+# The EarlyExitConfig fields a heads folder's exit_config.json may set in its ``serving`` (and
+# ``serving_unverified``) part: read here, written by ``eeserve calibrate`` (``serving_settings``).
+SERVING_KEYS = ("exit_layers", "exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k",
+                "max_exit_batch", "verify_exits", "max_draft_tokens")
+
+
+def serving_settings(**fields: Any) -> dict[str, Any]:
+    """A ``serving`` part for exit_config.json (keys in the order given).
+
+    Raises:
+        ValueError: a key that is not one of ``SERVING_KEYS``.
+    """
+    bad = [k for k in fields if k not in SERVING_KEYS]
+    if bad:
+        raise ValueError(f"serving settings must be among {', '.join(SERVING_KEYS)}, got {bad}")
+    return dict(fields)
+
 
 def shipped_heads(model: str) -> Path | None:
     """Folder of the tuned exit heads shipped for an alias, or None."""
@@ -33,8 +50,7 @@ def config_from_heads_dir(path: Path, unverified: bool = False) -> dict[str, Any
     cfg = json.loads((Path(path) / "exit_config.json").read_text())
     fields = {"exit_layers": tuple(cfg["exit_layers"]), "exit_head": cfg["head_type"], "exit_heads": str(path)}
     serving = cfg.get("serving_unverified" if unverified and "serving_unverified" in cfg else "serving", {})
-    for k in ("exit_layers", "exit_policy", "confidence", "threshold", "kv_fill", "min_exit_layer", "vocab_prune_k",
-              "max_exit_batch", "verify_exits", "max_draft_tokens"):
+    for k in SERVING_KEYS:
         if k in serving:
             v = serving[k]
             fields[k] = tuple(v) if isinstance(v, list) else v

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from eeserve.config import DTYPES
 from eeserve.entrypoints.cli_args import _float_in, _int_at_least, _int_list
+from eeserve.tuning.backbone import load_llm
 
 DEFAULT_EXITS = (4, 6, 8, 12, 16)
 CLASSIFIER_FEATURES = ("logits", "hidden", "hidden+logits")
@@ -104,13 +105,6 @@ def argparse_bool():
     import argparse
 
     return argparse.BooleanOptionalAction
-
-
-def load_llm(model: str, dtype: str = "float32"):
-    """The engine with early exit off (a full-depth reference and the frozen backbone)."""
-    from eeserve import LLM
-
-    return LLM(model, dtype=dtype, early_exit={"exit_heads": "none"})
 
 
 def builtin_windows(llm, sources: list[str], window: int, answer_tokens: int, max_tokens: int, seed: int,
