@@ -1,4 +1,5 @@
-"""Engine decode throughput of two git revisions, side by side (early exit off).
+"""Engine decode throughput of two git revisions, side by side (early exit off, or with
+``--early-exit`` the given early-exit settings, e.g. the shipped ones: ``'{}'``).
 
 Checks the old revision out into a temporary git worktree and alternates fresh processes of the
 old and the current tree (``--rounds`` each), each timing ``LLM.generate`` on ``--requests`` (1, 8
@@ -8,6 +9,8 @@ machine, where separate runs minutes apart differ by 20%.
 
     python benchmarks/compare_checkouts.py --old-rev 72215d7     # about 5 min
     python benchmarks/compare_checkouts.py --old-rev 09bd6c7 --requests 1,8,12 --rounds 3
+    python benchmarks/compare_checkouts.py --old-rev eb0f5d5 --requests 1,8 --early-exit '{}'
+    python benchmarks/compare_checkouts.py --old-rev eb0f5d5 --requests 8 --early-exit '{"max_exit_batch": 0}'
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/benchmarks")
 from common import PROMPTS
 from eeserve import LLM, SamplingParams
-llm = LLM("smollm2-135m", max_num_seqs=32, early_exit={"exit_heads": "none"})
+llm = LLM("smollm2-135m", max_num_seqs=32, early_exit=json.loads(sys.argv[4]))
 tok = llm.tokenizer
 msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" ({i})"}] for i in range(32)]
 ps = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
@@ -43,8 +46,8 @@ print(json.dumps(out))
 """
 
 
-def run(tree: Path, new_tokens: int, requests: str) -> dict[int, float]:
-    res = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(new_tokens), requests], cwd=tree,
+def run(tree: Path, new_tokens: int, requests: str, early_exit: str) -> dict[int, float]:
+    res = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(new_tokens), requests, early_exit], cwd=tree,
                          capture_output=True, text=True, check=True)
     return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 
@@ -55,7 +58,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--requests", default="1,8,32", help="comma-separated requests run at once, at most 32")
+    ap.add_argument("--early-exit", default='{"exit_heads": "none"}',
+                    help="early-exit settings as JSON, as LLM(early_exit=...) takes them; '{}' for the shipped "
+                         "heads and setting (default: early exit off)")
     args = ap.parse_args()
+    json.loads(args.early_exit)  # fail early on bad JSON
     if not all(1 <= int(n) <= 32 for n in args.requests.split(",")):
         raise SystemExit(f"--requests: numbers in 1..32, got {args.requests!r}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,11 +73,12 @@ def main() -> None:
             rates: dict[str, dict[int, list[float]]] = {"old": {}, "new": {}}
             for _ in range(args.rounds):
                 for name, tree in (("old", old), ("new", ROOT)):
-                    for n, r in run(tree, args.new_tokens, args.requests).items():
+                    for n, r in run(tree, args.new_tokens, args.requests, args.early_exit).items():
                         rates[name].setdefault(n, []).append(r)
                     print(name, {n: round(v[-1], 1) for n, v in rates[name].items()}, flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False)
+    print(f"early_exit={args.early_exit}, {args.new_tokens} greedy tokens per request, {args.rounds} rounds")
     print(f"| requests at once | {args.old_rev} (old) | working tree (new) | new / old (medians) |")
     print("| ---: | --- | --- | ---: |")
     for n in sorted(rates["old"]):

@@ -3,7 +3,7 @@
 For exit policies none / batch / token x KV fill propagate / recompute x several thresholds, at
 concurrency 1 and ``--concurrency`` (32), ``--new-tokens`` (128) greedy tokens per request, it
 reports output tokens/s, speed-up over ``none`` measured in the same run, mean layers per token,
-FLOPs per token relative to full depth, and token agreement (DESIGN.md: the early-exit output
+FLOPs per token relative to full depth, and token agreement (docs/design.md: the early-exit output
 teacher-forced through the full-depth model; share of tokens equal to its greedy pick). It
 writes PNG plots (speed-up against agreement per policy; histogram of exit layers) and, with
 ``--record``, the table into docs/benchmarks.md.
@@ -47,7 +47,7 @@ class Row:
 
 
 def agreement(llm, outs) -> float:
-    """Token agreement (DESIGN.md) of the outputs, by ``eeserve.tuning.calibrate.token_agreement``."""
+    """Token agreement (docs/design.md) of the outputs, by ``eeserve.tuning.calibrate.token_agreement``."""
     from eeserve.tuning.calibrate import token_agreement
 
     same, total = token_agreement(llm.engine.model, [o.prompt_token_ids for o in outs],

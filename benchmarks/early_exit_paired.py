@@ -14,7 +14,7 @@ order that rotates from round to round:
 
 The speed-up of a round is the ratio of its arms' output tokens/s; the table reports the median
 over rounds, the interquartile range, and the share of rounds where early exit was faster. The
-early-exit arm's outputs give token agreement (DESIGN.md: teacher-forced through the full-depth
+early-exit arm's outputs give token agreement (docs/design.md: teacher-forced through the full-depth
 model), mean layers per decode token and the FLOPs ratio. A PNG shows every round's ratios.
 
     python benchmarks/early_exit_paired.py                          # concurrency 1 and 8
@@ -42,7 +42,7 @@ NONE, CONTROL = "none", "none (again)"
 class Quality:
     """An early-exit arm's outputs over all rounds of one concurrency."""
 
-    agreement: float | None  # token agreement (DESIGN.md), teacher-forced; None when sampling
+    agreement: float | None  # token agreement (docs/design.md), teacher-forced; None when sampling
     mean_layers: float  # mean exit layer of decode tokens (the first token, from the prefill, left out)
     flops_ratio: float  # mean per request of FLOPs spent / FLOPs at full depth
 
