@@ -469,9 +469,8 @@ def test_verified_flops_by_hand_and_the_calibrate_cost_model():
     does). Each step's FLOPs are counted by hand, compared with calibration's cost model
     (``verified_step_costs`` from the same tokens), and the totals keep the rows discarded after
     a replaced draft out of the full-depth cost."""
-    from eeserve.tuning.cost_model import check_flops, draft_head_flops
-
     from eeserve.early_exit.drafts import verified_step_costs
+    from eeserve.tuning.cost_model import check_flops, draft_head_flops
 
     llm = _ee_llm("token", "recompute", 0.0, exits=(16,), verify_exits=True)
     eng = llm.engine
